@@ -1,0 +1,100 @@
+"""The object store contract every backend implements.
+
+A *container* is a flat namespace of objects (a directory, an S3 bucket, a Swift
+container). Object names use ``/`` as a separator but backends must not depend on it.
+
+Contract of each method (modelled on restic's backend interface):
+
+- ``put(name, data)``: store ``data`` under ``name``, replacing any object of that name.
+  Atomic: a reader sees the old object, the new one, or nothing, never a partial one.
+  Idempotent: the engine only ever writes the same bytes under a content-addressed name,
+  so a retried put is harmless.
+- ``get(name, offset=0, length=None)``: the object's bytes, or ``length`` bytes from
+  ``offset`` (a range read). Raises :class:`ObjectNotFound` if the object does not exist.
+  A range past the end returns what exists (possibly ``b""``).
+- ``head(name)``: the object's size in bytes, or ``None`` if it does not exist.
+- ``delete(name)``: remove the object. Deleting a missing object is not an error.
+- ``list(prefix)``: the names of all objects whose name starts with ``prefix``, in any
+  order. Must return every object, paginating as the backend needs.
+
+Errors: :class:`StoreUnavailable` for transient failures (connection refused/reset, timeout,
+5xx, throttling) that a retry may cure; :class:`StorePermanentError` for failures a retry
+will not cure (authentication, access denied, invalid container name);
+:class:`ObjectNotFound` for a missing object on ``get``. Backends raise only these (and
+subclasses), never library exceptions, so the engine and the service can tell a person
+what happened without knowing which backend ran.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+
+class StoreError(Exception):
+    """Base of every object store failure."""
+
+
+class StoreUnavailable(StoreError):
+    """A transient failure: the store could not be reached or answered 5xx/throttled."""
+
+
+class StorePermanentError(StoreError):
+    """A failure a retry will not cure: bad credentials, access denied, invalid name."""
+
+
+class ObjectNotFound(StoreError):
+    """The object does not exist."""
+
+    def __init__(self, name: str, container: str = "") -> None:
+        where = f" in container {container}" if container else ""
+        super().__init__(f"object {name} not found{where}")
+        self.name = name
+        self.container = container
+
+
+class Container(abc.ABC):
+    """One container (bucket, directory) of a backend. Thread-safe."""
+
+    name: str
+
+    @abc.abstractmethod
+    def put(self, name: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    @abc.abstractmethod
+    def head(self, name: str) -> int | None: ...
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+
+class Backend(abc.ABC):
+    """A connection to one object store deployment. Thread-safe."""
+
+    #: short name used in configuration and in export records (``local``, ``s3``, ``swift``)
+    kind: str
+
+    @abc.abstractmethod
+    def open(self, container: str, create: bool = True) -> Container:
+        """Open ``container``, creating it when ``create`` is true and it does not exist.
+
+        Raises :class:`StorePermanentError` for a name the backend rejects or a container
+        the credentials cannot access, :class:`StoreUnavailable` if the store is down.
+        """
+
+    def validate_container_name(self, container: str) -> str | None:
+        """Return a human-readable reason why ``container`` is unusable, or ``None``.
+
+        Called synchronously at backup-create time so a bad name is a 400, not a failed
+        backup later. Must not contact the store.
+        """
+        return None
+
+    def close(self) -> None:
+        """Release connections. Optional."""

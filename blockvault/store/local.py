@@ -1,0 +1,104 @@
+"""The embedded default store: each container is a directory, each object a file.
+
+Writes go to a temporary file in the same directory and are renamed into place, so a
+crash never leaves a partial object under its real name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from blockvault.store.base import Backend, Container, ObjectNotFound, StorePermanentError
+
+# Container names become directory names: keep them to one safe path component.
+_CONTAINER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+class LocalContainer(Container):
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self._root = root
+
+    def _path(self, name: str) -> Path:
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise StorePermanentError(f"invalid object name {name!r}")
+        return self._root / name
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                if offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound(name, self.name) from None
+
+    def head(self, name: str) -> int | None:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        root = str(self._root)
+        for dirpath, _dirs, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            for fname in files:
+                if fname.startswith(".tmp-"):
+                    continue
+                name = fname if rel == "." else f"{rel}/{fname}".replace(os.sep, "/")
+                if name.startswith(prefix):
+                    yield name
+
+
+class LocalBackend(Backend):
+    kind = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def validate_container_name(self, container: str) -> str | None:
+        if not _CONTAINER_RE.match(container) or container in (".", ".."):
+            return (
+                "container names for the local store must be 1-255 characters of letters, "
+                "digits, '.', '_' and '-', starting with a letter or digit"
+            )
+        return None
+
+    def open(self, container: str, create: bool = True) -> Container:
+        reason = self.validate_container_name(container)
+        if reason:
+            raise StorePermanentError(f"invalid container {container!r}: {reason}")
+        path = self.root / container
+        if not path.is_dir():
+            if not create:
+                raise StorePermanentError(f"container {container} does not exist")
+            path.mkdir(parents=True, exist_ok=True)
+        return LocalContainer(path, container)
