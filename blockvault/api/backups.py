@@ -1,0 +1,163 @@
+"""Backup routes (reference §4)."""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+
+from blockvault.api import schemas
+from blockvault.api.faults import HTTPFault
+from blockvault.api.http import MISSING, Call, Endpoint, accepted, json_response
+from blockvault.api.views import backup_detail, backup_summary
+from blockvault.db.models import utcnow
+
+
+def _summary(call: Call, backup) -> dict:  # noqa: ANN001
+    return {"backup": backup_summary(backup, call.links)}
+
+
+def list_summary(call: Call) -> Response:
+    return _list(call, detail=False)
+
+
+def list_detail(call: Call) -> Response:
+    return _list(call, detail=True)
+
+
+def _list(call: Call, detail: bool) -> Response:
+    page = call.services.backups.list(call.ctx, call.query, call.version)
+    if detail:
+        items = [backup_detail(b, call.links, call.version, call.is_admin) for b in page.items]
+    else:
+        items = [backup_summary(b, call.links) for b in page.items]
+    body: dict = {"backups": items}
+    if page.count is not None:
+        body["count"] = page.count
+    if page.has_next:
+        body["backups_links"] = [
+            call.links.next("backups", detail, call.query, page.items[-1].id)
+        ]
+    return json_response(body)
+
+
+def show(call: Call) -> Response:
+    backup = call.services.backups.get(call.ctx, call.path["backup_id"])
+    return json_response({"backup": backup_detail(backup, call.links, call.version, call.is_admin)})
+
+
+def create(call: Call) -> Response:
+    schemas.validate(schemas.backup_create(call.version), call.body)
+    b = call.body["backup"]
+    backup = call.services.backups.create(
+        call.ctx,
+        b["volume_id"],
+        container=b.get("container"),
+        name=schemas.strip(b.get("name")),
+        description=schemas.strip(b.get("description")),
+        incremental=schemas.is_true(b.get("incremental", False)),
+        force=schemas.is_true(b.get("force", False)),
+        snapshot_id=b.get("snapshot_id"),
+        metadata=b.get("metadata"),
+        availability_zone=b.get("availability_zone"),
+    )
+    return json_response(_summary(call, backup), 202)
+
+
+def update(call: Call) -> Response:
+    schemas.validate(schemas.backup_update(call.version), call.body)
+    b = call.body["backup"] or {}
+    changes = {}
+    if "name" in b:
+        changes["display_name"] = schemas.strip(b["name"])
+    if "description" in b:
+        changes["display_description"] = schemas.strip(b["description"])
+    if "metadata" in b:
+        changes["metadata_"] = dict(b["metadata"])
+    backup = call.services.backups.update(call.ctx, call.path["backup_id"], changes)
+    return json_response(_summary(call, backup))
+
+
+def delete(call: Call) -> Response:
+    call.services.backups.delete(call.ctx, call.path["backup_id"])
+    return accepted()
+
+
+def restore(call: Call) -> Response:
+    schemas.validate(schemas.restore, call.body)
+    r = call.body["restore"] or {}
+    target = call.services.backups.restore(
+        call.ctx, call.path["backup_id"], r.get("volume_id"), schemas.strip(r.get("name"))
+    )
+    return json_response(
+        {"restore": {"backup_id": target.backup_id, "volume_id": target.volume_id,
+                     "volume_name": target.volume_name}},
+        202,
+    )
+
+
+def export_record(call: Call) -> Response:
+    record = call.services.backups.export_record(call.ctx, call.path["backup_id"])
+    return json_response({"backup-record": record})
+
+
+def import_record(call: Call) -> Response:
+    schemas.validate(schemas.import_record, call.body)
+    rec = call.body["backup-record"]
+    backup = call.services.backups.import_record(
+        call.ctx, rec["backup_service"], rec["backup_url"]
+    )
+    return json_response(_summary(call, backup), 201)
+
+
+def action(call: Call) -> Response:
+    body = None if call.body is MISSING else call.body
+    schemas.validate(schemas.single_action, body)
+    key = next(iter(body))
+    backup_id = call.path["backup_id"]
+    if key == "os-reset_status":
+        schemas.validate(schemas.reset_status, body)
+        call.services.backups.reset_status(call.ctx, backup_id, body[key]["status"])
+    elif key == "os-force_delete":
+        call.services.backups.delete(call.ctx, backup_id, force=True)
+    else:
+        raise HTTPFault(
+            400,
+            f"There is no such action: {key}. Verify the request body and Content-Type "
+            "header and try again.",
+        )
+    return accepted()
+
+
+def progress(call: Call) -> Response:
+    """blockvault extension: how far a running backup or restore has got."""
+    backup, job = call.services.backups.progress(call.ctx, call.path["backup_id"])
+    body = {
+        "backup_id": backup.id,
+        "status": backup.status,
+        "phase": job.phase if job else None,
+        "bytes_done": job.bytes_done if job else 0,
+        "bytes_total": job.bytes_total if job else 0,
+        "operation": job.kind if job else None,
+        "job_state": job.state if job else None,
+    }
+    if job and job.started_at and job.bytes_done:
+        end = job.finished_at or utcnow()
+        seconds = max((end - job.started_at).total_seconds(), 1e-3)
+        body["bytes_per_second"] = int(job.bytes_done / seconds)
+    else:
+        body["bytes_per_second"] = 0
+    return json_response({"progress": body})
+
+
+ENDPOINTS = [
+    Endpoint("GET", "/backups", list_summary),
+    Endpoint("GET", "/backups/detail", list_detail),
+    Endpoint("POST", "/backups", create, body="json"),
+    Endpoint("POST", "/backups/import_record", import_record, body="json"),
+    Endpoint("GET", "/backups/{backup_id}", show),
+    Endpoint("PUT", "/backups/{backup_id}", update, min_version=(3, 9), body="json"),
+    Endpoint("DELETE", "/backups/{backup_id}", delete),
+    Endpoint("POST", "/backups/{backup_id}/restore", restore, body="json", quota_prefix=False),
+    Endpoint("GET", "/backups/{backup_id}/export_record", export_record),
+    Endpoint("POST", "/backups/{backup_id}/action", action, body="json"),
+    Endpoint("GET", "/backups/{backup_id}/progress", progress),
+]

@@ -1,0 +1,191 @@
+"""Request plumbing shared by every route: auth, project check, microversions, body
+parsing, fault mapping, response headers and the one log line per request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from blockvault.api.faults import INTERNAL_ERROR, HTTPFault, fault_response, service_fault
+from blockvault.api.versions import fmt, negotiate
+from blockvault.api.views import Links
+from blockvault.service.context import RequestContext
+from blockvault.service.errors import ServiceError
+
+log = logging.getLogger("blockvault.api")
+MISSING: Any = object()
+
+
+@dataclass
+class Call:
+    """Everything a route handler needs about one request."""
+
+    request: Request
+    ctx: RequestContext
+    version: tuple[int, int]
+    api: str
+    path: dict[str, str]
+    query: dict[str, str]
+    links: Links
+    services: Any
+    body: Any = MISSING
+    raw_query: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.ctx.is_admin
+
+
+Handler = Callable[[Call], Response]
+AsyncHandler = Callable[[Call], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str  # below the project prefix, e.g. "/backups/{backup_id}"
+    handler: Any
+    min_version: tuple[int, int] = (3, 0)
+    #: "json": parse a JSON body; "raw": the handler streams the body; None: no body
+    body: str | None = None
+    is_async: bool = False
+    #: 413 message prefixed with the quota exception class (Cinder does, except restore)
+    quota_prefix: bool = True
+
+
+def public_base(request: Request, public_endpoint: str) -> str:
+    """scheme://host[:port][/prefix] for links (reference §3.1)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    if public_endpoint:
+        return public_endpoint.rstrip("/") + root
+    host = request.headers.get("x-forwarded-host")
+    host = host.split(",")[-1].strip() if host else request.headers.get("host", "localhost")
+    return f"{request.url.scheme}://{host}{root}"
+
+
+def resolve_context(request: Request, admin_users: list[str]) -> RequestContext:
+    token = request.headers.get("x-auth-token")
+    if not token:
+        raise HTTPFault(401, "Authentication required")
+    user, sep, project = token.partition(":")
+    if not sep:
+        project = user
+    if not user or not project:
+        raise HTTPFault(401, "Authentication required")
+    return RequestContext(user_id=user, project_id=project, is_admin=user in admin_users)
+
+
+def _parse_json_body(request: Request, raw: bytes) -> Any:
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        if raw.strip():
+            raise HTTPFault(415, "Unsupported Content-Type")
+        return MISSING
+    media = ctype.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise HTTPFault(415, "Unsupported Content-Type")
+    if not raw.strip():
+        return MISSING
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPFault(400, "Malformed request body") from None
+
+
+def make_routes(endpoints: list[Endpoint], services: Any) -> list[Route]:
+    settings = services.settings
+    project_re = re.compile(rf"^{settings.project_id_regex}$")
+    routes: list[Route] = []
+    # Project-less v3 routes first (3.67 style) so "/v3/backups" never reads as a project.
+    prefixes = [("v3", False), ("v3", True), ("v2", True)]
+    for api, with_project in prefixes:
+        for ep in endpoints:
+            path = f"/{api}/{{project_id}}{ep.path}" if with_project else f"/{api}{ep.path}"
+            routes.append(
+                Route(path, _endpoint(ep, api, with_project, services, project_re),
+                      methods=[ep.method], name=None)
+            )
+    return routes
+
+
+def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project_re: Any):
+    settings = services.settings
+
+    async def endpoint(request: Request) -> Response:
+        started = time.monotonic()
+        request_id = f"req-{uuid.uuid4()}"
+        headers = {"x-openstack-request-id": request_id, "x-compute-request-id": request_id}
+        version = (3, 0)
+        try:
+            if api == "v3":
+                version = negotiate(request.headers.get("openstack-api-version"))
+                headers["OpenStack-API-Version"] = f"volume {fmt(version)}"
+                headers["Vary"] = "OpenStack-API-Version"
+            ctx = resolve_context(request, settings.admin_users)
+            path = dict(request.path_params)
+            url_project = path.pop("project_id", None)
+            if url_project is not None and (
+                url_project != ctx.project_id or not project_re.match(url_project)
+            ):
+                raise HTTPFault(400, "Malformed request url")
+            if version < ep.min_version:
+                raise HTTPFault(404, "The resource could not be found.")
+            call = Call(
+                request=request,
+                ctx=ctx,
+                version=version,
+                api=api,
+                path=path,
+                query=dict(request.query_params),
+                raw_query=list(request.query_params.multi_items()),
+                links=Links(public_base(request, settings.public_endpoint), api, url_project),
+                services=services,
+            )
+            if ep.body == "json":
+                call.body = _parse_json_body(request, await request.body())
+            if ep.is_async:
+                response = await ep.handler(call)
+            else:
+                response = await run_in_threadpool(ep.handler, call)
+        except HTTPFault as exc:
+            headers.update(exc.headers)
+            if exc.status == 400 and exc.message.startswith("API Version String"):
+                headers.pop("OpenStack-API-Version", None)
+                headers.pop("Vary", None)
+            response = fault_response(exc.status, exc.message)
+        except ServiceError as exc:
+            response = service_fault(exc, ep.quota_prefix)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = fault_response(500, INTERNAL_ERROR)
+        response.headers.update(headers)
+        log.info(
+            '%s "%s %s" %d %.1fms', request.client.host if request.client else "-",
+            request.method, request.url.path + (f"?{request.url.query}" if request.url.query
+                                                else ""),
+            response.status_code, (time.monotonic() - started) * 1000,
+        )
+        return response
+
+    return endpoint
+
+
+def json_response(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status)
+
+
+def accepted() -> Response:
+    return Response(status_code=202)
+
+

@@ -1,0 +1,155 @@
+"""Request body schemas, as Cinder's (``cinder/api/schemas``), validated with jsonschema so
+that error messages read exactly as Cinder's do."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from typing import Any
+
+import jsonschema
+from jsonschema import Draft4Validator, FormatChecker
+
+from blockvault.service.errors import Invalid
+
+_BOOL_VALUES = [
+    True, "True", "TRUE", "true", "1", "ON", "On", "on", "YES", "Yes", "yes", "y", "t",
+    False, "False", "FALSE", "false", "0", "OFF", "Off", "off", "NO", "No", "no", "n", "f",
+]
+TRUE_VALUES = {True, "True", "TRUE", "true", "1", "ON", "On", "on", "YES", "Yes", "yes", "y", "t"}
+
+boolean = {"type": ["boolean", "string"], "enum": _BOOL_VALUES}
+uuid_ = {"type": "string", "format": "uuid"}
+uuid_allow_null = {"type": ["string", "null"], "format": "uuid"}
+name = {"type": ["string", "null"], "minLength": 0, "maxLength": 255}
+description = {
+    "type": ["string", "null"], "minLength": 0, "maxLength": 255,
+    "pattern": r"^[\s\S]*$",
+}
+nullable_string = {"type": ["string", "null"], "minLength": 0, "maxLength": 255}
+metadata = {
+    "type": "object",
+    "patternProperties": {r"^[a-zA-Z0-9-_:. /]{1,255}$": {"type": "string", "maxLength": 255}},
+    "additionalProperties": False,
+}
+metadata_allows_null = {**metadata, "type": ["object", "null"]}
+
+
+def _obj(props: dict, required: tuple = (), nullable: bool = False) -> dict:
+    return {
+        "type": ["object", "null"] if nullable else "object",
+        "properties": props,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+
+
+def backup_create(version: tuple[int, int]) -> dict:
+    props = {
+        "volume_id": uuid_, "container": nullable_string, "description": description,
+        "incremental": boolean, "force": boolean, "name": name, "snapshot_id": uuid_allow_null,
+    }
+    if version >= (3, 43):
+        props["metadata"] = metadata_allows_null
+    if version >= (3, 51):
+        props["availability_zone"] = nullable_string
+    return _obj({"backup": _obj(props, ("volume_id",))}, ("backup",))
+
+
+def backup_update(version: tuple[int, int]) -> dict:
+    props: dict[str, Any] = {"name": name, "description": description}
+    if version >= (3, 43):
+        props["metadata"] = metadata
+    return _obj({"backup": _obj(props, nullable=True)}, ("backup",))
+
+
+restore = _obj({"restore": _obj({"name": name, "volume_id": uuid_allow_null}, nullable=True)},
+               ("restore",))
+import_record = _obj(
+    {
+        "backup-record": _obj(
+            {
+                "backup_service": {"type": "string", "minLength": 0, "maxLength": 255},
+                "backup_url": {"type": "string", "minLength": 1, "format": "base64"},
+            },
+            ("backup_service", "backup_url"),
+        )
+    },
+    ("backup-record",),
+)
+reset_status = _obj(
+    {"os-reset_status": _obj({"status": {"type": "string", "format": "backup_status"}},
+                             ("status",))},
+    ("os-reset_status",),
+)
+volume_reset_status = _obj(
+    {"os-reset_status": {"type": "object", "properties": {"status": {"type": "string"}},
+                         "required": ["status"]}},
+    ("os-reset_status",),
+)
+#: an action body names exactly one action
+single_action = {"type": "object", "minProperties": 1, "maxProperties": 1}
+quota_set = {
+    "type": "object",
+    "properties": {"quota_set": {"type": "object"}},
+    "required": ["quota_set"],
+}
+
+_checker = FormatChecker()
+
+
+@_checker.checks("uuid")
+def _is_uuid(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+@_checker.checks("base64")
+def _is_base64(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return False
+    return True
+
+
+@_checker.checks("backup_status")
+def _is_backup_status(value: object) -> bool:
+    return not isinstance(value, str) or value.lower() in ("available", "error")
+
+
+_validators: dict[int, Draft4Validator] = {}
+
+
+def validate(schema: dict, body: Any) -> None:
+    """Raise :class:`Invalid` with Cinder's wording if ``body`` breaks ``schema``."""
+    validator = _validators.get(id(schema))
+    if validator is None:
+        validator = Draft4Validator(schema, format_checker=_checker)
+        _validators[id(schema)] = validator
+    try:
+        validator.validate(body)
+    except jsonschema.ValidationError as ex:
+        if len(ex.path) > 0:
+            raise Invalid(
+                f"Invalid input for field/attribute {ex.path[-1]}. Value: {ex.instance}. "
+                f"{ex.message}"
+            ) from None
+        raise Invalid(ex.message) from None
+
+
+def is_true(value: Any) -> bool:
+    return value in TRUE_VALUES
+
+
+def strip(value: str | None) -> str | None:
+    return value.strip() if isinstance(value, str) else value
+

@@ -1,0 +1,422 @@
+"""Volume and snapshot routes (what backups need), the volume data extension, quotas and
+limits."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.responses import Response, StreamingResponse
+
+from blockvault.api import schemas
+from blockvault.api.faults import HTTPFault
+from blockvault.api.http import MISSING, Call, Endpoint, accepted, json_response
+from blockvault.api.views import snapshot_detail, volume_detail, volume_summary
+from blockvault.service.errors import Invalid, invalid_input
+
+# Volume bodies are checked field by field rather than with additionalProperties=false:
+# clients send many keys this service has no use for (imageRef, multiattach, ...).
+_volume_create = {
+    "type": "object",
+    "properties": {
+        "volume": {
+            "type": "object",
+            "properties": {
+                "size": {"type": ["integer", "string", "null"]},
+                "name": schemas.name,
+                "display_name": schemas.name,
+                "description": schemas.description,
+                "display_description": schemas.description,
+                "metadata": schemas.metadata_allows_null,
+                "availability_zone": schemas.nullable_string,
+                "volume_type": schemas.nullable_string,
+                "snapshot_id": schemas.uuid_allow_null,
+                "source_volid": schemas.uuid_allow_null,
+            },
+        }
+    },
+    "required": ["volume"],
+}
+_volume_update = {
+    "type": "object",
+    "properties": {
+        "volume": {
+            "type": "object",
+            "properties": {
+                "name": schemas.name, "description": schemas.description,
+                "display_name": schemas.name, "display_description": schemas.description,
+                "metadata": schemas.metadata,
+            },
+        }
+    },
+    "required": ["volume"],
+}
+_snapshot_create = {
+    "type": "object",
+    "properties": {
+        "snapshot": {
+            "type": "object",
+            "properties": {
+                "volume_id": schemas.uuid_,
+                "name": schemas.name, "display_name": schemas.name,
+                "description": schemas.description, "display_description": schemas.description,
+                "force": schemas.boolean,
+                "metadata": schemas.metadata_allows_null,
+            },
+            "required": ["volume_id"],
+        }
+    },
+    "required": ["snapshot"],
+}
+_snapshot_update = {
+    "type": "object",
+    "properties": {
+        "snapshot": {
+            "type": "object",
+            "properties": {"name": schemas.name, "description": schemas.description,
+                           "display_name": schemas.name,
+                           "display_description": schemas.description},
+        }
+    },
+    "required": ["snapshot"],
+}
+
+
+def _body(call: Call) -> Any:
+    return None if call.body is MISSING else call.body
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise invalid_input(f"Volume size '{value}' must be an integer and greater than 0.")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise invalid_input(
+            f"Volume size '{value}' must be an integer and greater than 0."
+        ) from None
+
+
+# -- volumes ----------------------------------------------------------------------------
+
+
+def _volume(call: Call, vol) -> dict:  # noqa: ANN001
+    return {"volume": volume_detail(vol, call.links, call.version, call.is_admin)}
+
+
+def create_volume(call: Call) -> Response:
+    body = _body(call)
+    schemas.validate(_volume_create, body)
+    v = body["volume"]
+    size = v.get("size")
+    if size is None and not (v.get("snapshot_id") or v.get("source_volid")):
+        raise invalid_input("Volume size 'None' must be an integer and greater than 0.")
+    vol = call.services.volumes.create(
+        call.ctx,
+        _size(size) if size is not None else 0,
+        name=schemas.strip(v.get("name", v.get("display_name"))),
+        description=schemas.strip(v.get("description", v.get("display_description"))),
+        metadata=v.get("metadata"),
+        availability_zone=v.get("availability_zone"),
+        volume_type=v.get("volume_type"),
+        snapshot_id=v.get("snapshot_id"),
+        source_volid=v.get("source_volid"),
+    )
+    return json_response(_volume(call, vol), 202)
+
+
+def list_volumes(call: Call) -> Response:
+    return _list_volumes(call, False)
+
+
+def list_volumes_detail(call: Call) -> Response:
+    return _list_volumes(call, True)
+
+
+def _list_volumes(call: Call, detail: bool) -> Response:
+    page = call.services.volumes.list(call.ctx, call.query, call.version)
+    if detail:
+        items = [volume_detail(v, call.links, call.version, call.is_admin) for v in page.items]
+    else:
+        items = [volume_summary(v, call.links) for v in page.items]
+    body: dict = {"volumes": items}
+    if page.count is not None:
+        body["count"] = page.count
+    if page.has_next:
+        body["volumes_links"] = [call.links.next("volumes", detail, call.query, page.items[-1].id)]
+    return json_response(body)
+
+
+def show_volume(call: Call) -> Response:
+    return json_response(_volume(call, call.services.volumes.get(call.ctx, call.path["volume_id"])))
+
+
+def update_volume(call: Call) -> Response:
+    body = _body(call)
+    schemas.validate(_volume_update, body)
+    v = body["volume"]
+    changes: dict[str, Any] = {}
+    for key, column in (("name", "display_name"), ("display_name", "display_name"),
+                        ("description", "display_description"),
+                        ("display_description", "display_description")):
+        if key in v:
+            changes[column] = schemas.strip(v[key])
+    if "metadata" in v:
+        changes["metadata_"] = dict(v["metadata"])
+    vol = call.services.volumes.update(call.ctx, call.path["volume_id"], changes)
+    return json_response(_volume(call, vol))
+
+
+def delete_volume(call: Call) -> Response:
+    cascade = schemas.is_true(call.query.get("cascade", "false"))
+    call.services.volumes.delete(call.ctx, call.path["volume_id"], cascade=cascade)
+    return accepted()
+
+
+def volume_action(call: Call) -> Response:
+    body = _body(call)
+    schemas.validate(schemas.single_action, body)
+    key = next(iter(body))
+    volume_id = call.path["volume_id"]
+    volumes = call.services.volumes
+    if key == "os-attach":
+        volumes.attach(call.ctx, volume_id)
+    elif key == "os-detach":
+        volumes.detach(call.ctx, volume_id)
+    elif key == "os-extend":
+        arg = body[key] if isinstance(body[key], dict) else {}
+        if "new_size" not in arg:
+            raise Invalid("Invalid input for field/attribute os-extend. Value: "
+                          f"{body[key]}. 'new_size' is a required property")
+        volumes.extend(call.ctx, volume_id, _size(arg["new_size"]))
+    elif key == "os-reset_status":
+        schemas.validate(schemas.volume_reset_status, body)
+        volumes.reset_status(call.ctx, volume_id, body[key]["status"])
+    elif key in ("os-reserve", "os-unreserve", "os-begin_detaching", "os-roll_detaching",
+                 "os-initialize_connection", "os-terminate_connection"):
+        pass  # attach handshake steps a hypervisor would drive; nothing to do here
+    else:
+        raise HTTPFault(
+            400,
+            f"There is no such action: {key}. Verify the request body and Content-Type "
+            "header and try again.",
+        )
+    return accepted()
+
+
+# -- volume data (blockvault extension) ------------------------------------------------------
+
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+async def write_data(call: Call) -> Response:
+    try:
+        offset = int(call.query.get("offset", "0"))
+    except ValueError:
+        raise invalid_input("offset must be an integer") from None
+    ctype = call.request.headers.get("content-type", "application/octet-stream")
+    if ctype.split(";")[0].strip().lower() != "application/octet-stream":
+        raise HTTPFault(415, "Unsupported Content-Type")
+    length = call.request.headers.get("content-length")
+    chunks = _SyncStream(call.request.stream())
+    await run_in_threadpool(
+        call.services.volumes.write_data, call.ctx, call.path["volume_id"], offset,
+        int(length) if length and length.isdigit() else None, chunks,
+    )
+    return Response(status_code=204)
+
+
+class _SyncStream:
+    """Bridges the async request body to the driver's blocking writes (run in a thread)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream.__aiter__()
+        import anyio.from_thread
+
+        self._from_thread = anyio.from_thread
+
+    def __iter__(self):  # noqa: ANN204
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return self._from_thread.run(self._stream.__anext__)
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+
+async def read_data(call: Call) -> Response:
+    header = call.request.headers.get("range")
+    start, end = 0, None
+    if header:
+        m = _RANGE_RE.match(header.strip())
+        if not m or (not m.group(1) and not m.group(2)):
+            raise invalid_input(f"Range header {header!r} is not of the form bytes=a-b.")
+        if m.group(1):
+            start = int(m.group(1))
+            end = int(m.group(2)) + 1 if m.group(2) else None
+        else:  # suffix range: the last N bytes
+            vol = await run_in_threadpool(call.services.volumes.get, call.ctx,
+                                          call.path["volume_id"])
+            start = max(0, vol.size * 1024**3 - int(m.group(2)))
+    start, end, total, chunks = await run_in_threadpool(
+        call.services.volumes.read_data, call.ctx, call.path["volume_id"], start, end
+    )
+    headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes"}
+    status = 200
+    if header:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
+    return StreamingResponse(iterate_in_threadpool(chunks), status, headers=headers,
+                             media_type="application/octet-stream")
+
+
+# -- snapshots ---------------------------------------------------------------------------
+
+
+def _snapshot(call: Call, snap) -> dict:  # noqa: ANN001
+    return {"snapshot": snapshot_detail(snap, call.links, call.version, call.is_admin)}
+
+
+def create_snapshot(call: Call) -> Response:
+    body = _body(call)
+    schemas.validate(_snapshot_create, body)
+    sn = body["snapshot"]
+    snap = call.services.volumes.create_snapshot(
+        call.ctx,
+        sn["volume_id"],
+        schemas.strip(sn.get("name", sn.get("display_name"))),
+        schemas.strip(sn.get("description", sn.get("display_description"))),
+        force=schemas.is_true(sn.get("force", False)),
+        metadata=sn.get("metadata"),
+    )
+    return json_response(_snapshot(call, snap), 202)
+
+
+def list_snapshots(call: Call) -> Response:
+    return _list_snapshots(call, False)
+
+
+def list_snapshots_detail(call: Call) -> Response:
+    return _list_snapshots(call, True)
+
+
+def _list_snapshots(call: Call, detail: bool) -> Response:
+    page = call.services.volumes.list_snapshots(call.ctx, call.query, call.version)
+    items = [snapshot_detail(s, call.links, call.version, call.is_admin) for s in page.items]
+    body: dict = {"snapshots": items}
+    if page.count is not None:
+        body["count"] = page.count
+    if page.has_next:
+        body["snapshots_links"] = [
+            call.links.next("snapshots", detail, call.query, page.items[-1].id)
+        ]
+    return json_response(body)
+
+
+def show_snapshot(call: Call) -> Response:
+    snap = call.services.volumes.get_snapshot(call.ctx, call.path["snapshot_id"])
+    return json_response(_snapshot(call, snap))
+
+
+def update_snapshot(call: Call) -> Response:
+    body = _body(call)
+    schemas.validate(_snapshot_update, body)
+    sn = body["snapshot"]
+    changes = {}
+    for key, column in (("name", "display_name"), ("display_name", "display_name"),
+                        ("description", "display_description"),
+                        ("display_description", "display_description")):
+        if key in sn:
+            changes[column] = schemas.strip(sn[key])
+    snap = call.services.volumes.update_snapshot(call.ctx, call.path["snapshot_id"], changes)
+    return json_response(_snapshot(call, snap))
+
+
+def delete_snapshot(call: Call) -> Response:
+    call.services.volumes.delete_snapshot(call.ctx, call.path["snapshot_id"])
+    return accepted()
+
+
+# -- quotas and limits -------------------------------------------------------------------------
+
+
+def show_quotas(call: Call) -> Response:
+    target = call.path["target_project_id"]
+    usage = schemas.is_true(call.query.get("usage", "false"))
+    limits, used = call.services.quota_view(call.ctx, target)
+    if usage:
+        quota_set = {k: {"limit": limits[k], "in_use": used[k], "reserved": 0, "allocated": 0}
+                     for k in limits}
+    else:
+        quota_set = dict(limits)
+    quota_set["id"] = target
+    return json_response({"quota_set": quota_set})
+
+
+def show_default_quotas(call: Call) -> Response:
+    defaults = call.services.quota_defaults()
+    return json_response({"quota_set": {**defaults, "id": call.path["target_project_id"]}})
+
+
+def update_quotas(call: Call) -> Response:
+    body = _body(call)
+    schemas.validate(schemas.quota_set, body)
+    limits = call.services.set_quotas(call.ctx, call.path["target_project_id"], body["quota_set"])
+    return json_response({"quota_set": limits})
+
+
+def limits(call: Call) -> Response:
+    limits_, used = call.services.quota_view(call.ctx, call.ctx.project_id)
+    absolute = {
+        "maxTotalVolumes": limits_["volumes"],
+        "maxTotalSnapshots": limits_["snapshots"],
+        "maxTotalVolumeGigabytes": limits_["gigabytes"],
+        "maxTotalBackups": limits_["backups"],
+        "maxTotalBackupGigabytes": limits_["backup_gigabytes"],
+        "totalVolumesUsed": used["volumes"],
+        "totalSnapshotsUsed": used["snapshots"],
+        "totalGigabytesUsed": used["gigabytes"],
+        "totalBackupsUsed": used["backups"],
+        "totalBackupGigabytesUsed": used["backup_gigabytes"],
+    }
+    return json_response({"limits": {"rate": [], "absolute": absolute}})
+
+
+def resource_filters(call: Call) -> Response:
+    filters = [
+        {"resource": "backup", "filters": ["name", "status", "volume_id"]},
+        {"resource": "volume", "filters": ["name", "status", "metadata", "bootable",
+                                           "availability_zone", "volume_type"]},
+        {"resource": "snapshot", "filters": ["name", "status", "volume_id", "metadata",
+                                             "availability_zone"]},
+    ]
+    wanted = call.query.get("resource")
+    if wanted:
+        filters = [f for f in filters if f["resource"] == wanted]
+    return json_response({"resource_filters": filters})
+
+
+ENDPOINTS = [
+    Endpoint("GET", "/volumes", list_volumes),
+    Endpoint("GET", "/volumes/detail", list_volumes_detail),
+    Endpoint("POST", "/volumes", create_volume, body="json"),
+    Endpoint("GET", "/volumes/{volume_id}", show_volume),
+    Endpoint("PUT", "/volumes/{volume_id}", update_volume, body="json"),
+    Endpoint("DELETE", "/volumes/{volume_id}", delete_volume),
+    Endpoint("POST", "/volumes/{volume_id}/action", volume_action, body="json"),
+    Endpoint("PUT", "/volumes/{volume_id}/data", write_data, is_async=True),
+    Endpoint("GET", "/volumes/{volume_id}/data", read_data, is_async=True),
+    Endpoint("GET", "/snapshots", list_snapshots),
+    Endpoint("GET", "/snapshots/detail", list_snapshots_detail),
+    Endpoint("POST", "/snapshots", create_snapshot, body="json"),
+    Endpoint("GET", "/snapshots/{snapshot_id}", show_snapshot),
+    Endpoint("PUT", "/snapshots/{snapshot_id}", update_snapshot, body="json"),
+    Endpoint("DELETE", "/snapshots/{snapshot_id}", delete_snapshot),
+    Endpoint("GET", "/os-quota-sets/{target_project_id}", show_quotas),
+    Endpoint("GET", "/os-quota-sets/{target_project_id}/defaults", show_default_quotas),
+    Endpoint("PUT", "/os-quota-sets/{target_project_id}", update_quotas, body="json"),
+    Endpoint("GET", "/limits", limits),
+    Endpoint("GET", "/resource_filters", resource_filters, min_version=(3, 33)),
+]

@@ -1,0 +1,271 @@
+"""The ``blockvault`` command: ``serve`` runs the service; the other commands are a small
+client of its HTTP API (volumes, data upload/download, backups with progress)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8776"
+
+
+@click.group()
+def main() -> None:
+    """blockvault: Block Storage backups with the OpenStack Cinder API."""
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML configuration file.")
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default 8776).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the database, volumes and local object store live.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(config_file: str | None, host: str | None, port: int | None, data_dir: str | None,
+          log_level: str) -> None:
+    """Run the API, the workers and the embedded stores in one process."""
+    import uvicorn
+
+    from blockvault.config import load_settings
+    from blockvault.server import Services, create_app
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        settings = load_settings(config_file, host=host, port=port, data_dir=data_dir)
+        services = Services(settings)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    app = create_app(services)
+    click.echo(
+        f"blockvault listening on http://{settings.host}:{settings.port} "
+        f"(data in {settings.data_dir}, store: {settings.store})",
+        err=True,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                access_log=False)
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, url: str, token: str) -> None:
+        user, _, project = token.partition(":")
+        self.project = project or user
+        self.base = f"{url.rstrip('/')}/v3/{self.project}"
+        self.http = httpx.Client(
+            headers={"X-Auth-Token": token, "OpenStack-API-Version": "volume 3.71"},
+            timeout=httpx.Timeout(60.0, read=None),
+        )
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self.http.request(method, self.base + path, **kwargs)
+        if resp.status_code >= 400:
+            try:
+                fault = next(iter(resp.json().values()))
+                message = fault.get("message", resp.text)
+            except (ValueError, StopIteration, AttributeError):
+                message = resp.text
+            raise click.ClickException(f"{resp.status_code}: {message}")
+        if resp.content and resp.headers.get("content-type", "").startswith("application/json"):
+            return resp.json()
+        return None
+
+    def wait(self, kind: str, item_id: str, done: set[str], progress: bool) -> dict:
+        """Poll until the resource reaches one of ``done``; shows progress for backups."""
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        bar = Progress("{task.description}", BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), transient=True, disable=not progress)
+        with bar:
+            task = bar.add_task(f"{kind} {item_id[:8]}", total=None)
+            while True:
+                item = self.call("GET", f"/{kind}s/{item_id}")[kind]
+                if item["status"] in done:
+                    return item
+                if kind == "backup":
+                    p = self.call("GET", f"/backups/{item_id}/progress")["progress"]
+                    if p["bytes_total"]:
+                        bar.update(task, total=p["bytes_total"], completed=p["bytes_done"],
+                                   description=f"{p['operation']} {p['phase'] or ''}")
+                time.sleep(0.5)
+
+
+pass_client = click.make_pass_decorator(Client)
+
+
+@main.group()
+@click.option("--url", envvar="BLOCKVAULT_URL", default=DEFAULT_URL, show_default=True)
+@click.option("--token", envvar="BLOCKVAULT_TOKEN", default="admin:admin", show_default=True,
+              help="user:project (noauth token).")
+@click.pass_context
+def volume(ctx: click.Context, url: str, token: str) -> None:
+    """Volumes and their data."""
+    ctx.obj = Client(url, token)
+
+
+@volume.command("create")
+@click.option("--size", type=int, required=True, help="Size in GiB.")
+@click.option("--name", default=None)
+@pass_client
+def volume_create(client: Client, size: int, name: str | None) -> None:
+    vol = client.call("POST", "/volumes", json={"volume": {"size": size, "name": name}})
+    click.echo(vol["volume"]["id"])
+
+
+@volume.command("show")
+@click.argument("volume_id")
+@pass_client
+def volume_show(client: Client, volume_id: str) -> None:
+    click.echo(json.dumps(client.call("GET", f"/volumes/{volume_id}")["volume"], indent=2))
+
+
+@volume.command("upload")
+@click.argument("volume_id")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--offset", type=int, default=0, help="Byte offset in the volume.")
+@pass_client
+def volume_upload(client: Client, volume_id: str, file: str, offset: int) -> None:
+    """Write FILE into the volume (holes in FILE are skipped)."""
+    sent = 0
+    for start, data in _data_extents(Path(file)):
+        client.call("PUT", f"/volumes/{volume_id}/data", params={"offset": offset + start},
+                    content=data, headers={"Content-Type": "application/octet-stream"})
+        sent += len(data)
+    click.echo(f"wrote {sent} bytes to volume {volume_id}", err=True)
+
+
+def _data_extents(path: Path, piece: int = 64 * 1024 * 1024):
+    """(offset, bytes) for the data regions of a possibly sparse file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+            except OSError:  # past the last data region, or no SEEK_DATA support
+                if pos == 0:
+                    start, end = 0, size
+                else:
+                    break
+            while start < end:
+                n = min(piece, end - start)
+                f.seek(start)
+                yield start, f.read(n)
+                start += n
+            pos = end
+
+
+@volume.command("download")
+@click.argument("volume_id")
+@click.argument("file", type=click.Path(dir_okay=False))
+@pass_client
+def volume_download(client: Client, volume_id: str, file: str) -> None:
+    """Save the volume's bytes to FILE (zero runs become holes)."""
+    zero = bytes(1024 * 1024)
+    with client.http.stream("GET", f"{client.base}/volumes/{volume_id}/data") as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise click.ClickException(f"{resp.status_code}: {resp.text}")
+        with open(file, "wb") as out:
+            pos = 0
+            for chunk in resp.iter_bytes(1024 * 1024):
+                if chunk == zero[: len(chunk)]:
+                    out.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    out.write(chunk)
+                pos += len(chunk)
+            out.truncate(pos)
+    click.echo(f"saved {pos} bytes to {file}", err=True)
+
+
+@main.group()
+@click.option("--url", envvar="BLOCKVAULT_URL", default=DEFAULT_URL, show_default=True)
+@click.option("--token", envvar="BLOCKVAULT_TOKEN", default="admin:admin", show_default=True)
+@click.pass_context
+def backup(ctx: click.Context, url: str, token: str) -> None:
+    """Backups."""
+    ctx.obj = Client(url, token)
+
+
+@backup.command("create")
+@click.argument("volume_id")
+@click.option("--name", default=None)
+@click.option("--incremental", is_flag=True)
+@click.option("--force", is_flag=True)
+@click.option("--container", default=None)
+@click.option("--snapshot", "snapshot_id", default=None)
+@click.option("--wait", is_flag=True, help="Wait until done, with a progress bar.")
+@pass_client
+def backup_create(client: Client, volume_id: str, name: str | None, incremental: bool,
+                  force: bool, container: str | None, snapshot_id: str | None,
+                  wait: bool) -> None:
+    body = {"volume_id": volume_id, "name": name, "incremental": incremental, "force": force,
+            "container": container, "snapshot_id": snapshot_id}
+    backup_id = client.call("POST", "/backups", json={"backup": body})["backup"]["id"]
+    if wait:
+        item = client.wait("backup", backup_id, {"available", "error"}, sys.stderr.isatty())
+        if item["status"] == "error":
+            raise click.ClickException(f"backup {backup_id} failed: {item['fail_reason']}")
+    click.echo(backup_id)
+
+
+@backup.command("restore")
+@click.argument("backup_id")
+@click.option("--volume", "volume_id", default=None, help="Existing target volume.")
+@click.option("--name", default=None, help="Name of the new volume.")
+@click.option("--wait", is_flag=True)
+@pass_client
+def backup_restore(client: Client, backup_id: str, volume_id: str | None, name: str | None,
+                   wait: bool) -> None:
+    body = {"volume_id": volume_id, "name": name} if volume_id else {"name": name}
+    target = client.call("POST", f"/backups/{backup_id}/restore", json={"restore": body})
+    volume_id = target["restore"]["volume_id"]
+    if wait:
+        client.wait("backup", backup_id, {"available", "error"}, sys.stderr.isatty())
+        vol = client.wait("volume", volume_id, {"available", "error_restoring", "error"}, False)
+        if vol["status"] != "available":
+            raise click.ClickException(f"restore into {volume_id} failed ({vol['status']})")
+    click.echo(volume_id)
+
+
+@backup.command("list")
+@pass_client
+def backup_list(client: Client) -> None:
+    for b in client.call("GET", "/backups/detail")["backups"]:
+        click.echo(f"{b['id']}  {b['status']:<16} {b['size']:>5}G  {b['name'] or ''}")
+
+
+@backup.command("show")
+@click.argument("backup_id")
+@pass_client
+def backup_show(client: Client, backup_id: str) -> None:
+    click.echo(json.dumps(client.call("GET", f"/backups/{backup_id}")["backup"], indent=2))
+
+
+@backup.command("delete")
+@click.argument("backup_id")
+@pass_client
+def backup_delete(client: Client, backup_id: str) -> None:
+    client.call("DELETE", f"/backups/{backup_id}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

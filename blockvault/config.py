@@ -1,0 +1,153 @@
+"""Settings: defaults, then a TOML file, then ``BLOCKVAULT_*`` environment variables,
+then command-line options — each later source overriding the earlier ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "blockvault"
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8776
+    data_dir: Path = field(default_factory=default_data_dir)
+    #: SQLAlchemy URL of the metadata DB; empty means SQLite in data_dir.
+    database_url: str = ""
+    #: Users (the user part of the token) who are admins.
+    admin_users: list[str] = field(default_factory=lambda: ["admin"])
+    #: Scheme://host[:port][/prefix] used in links instead of the request's host.
+    public_endpoint: str = ""
+    availability_zone: str = "nova"
+    default_container: str = "volumebackups"
+    osapi_max_limit: int = 1000
+    project_id_regex: str = r"[0-9a-zA-Z_\-]+"
+    # Worker pool
+    backup_workers: int = 2
+    job_lease_seconds: int = 60
+    # Quotas (Cinder's defaults)
+    quota_volumes: int = 10
+    quota_snapshots: int = 10
+    quota_gigabytes: int = 1000
+    quota_backups: int = 10
+    quota_backup_gigabytes: int = 1000
+    # Object store
+    store: str = "local"
+    swift_auth_url: str = ""
+    swift_user: str = ""
+    swift_key: str = ""
+    swift_auth_version: str = "1"
+    swift_project_name: str = ""
+    swift_user_domain_name: str = "Default"
+    swift_project_domain_name: str = "Default"
+    swift_region_name: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_addressing_style: str = "path"
+    store_retry_attempts: int = 5
+    store_retry_budget: float = 60.0
+    store_pool_size: int = 8
+    # Engine
+    block_size: int = 32768
+    pack_size: int = 16 * 1024 * 1024
+    compression: str = "zstd"
+    zstd_level: int = 3
+    engine_workers: int = 0
+    upload_concurrency: int = 4
+    #: Path of a file holding the 32-byte encryption key (raw or hex); empty = no encryption.
+    encryption_key_file: str = ""
+    #: The key itself as 64 hex characters (prefer the file; never logged).
+    encryption_key: str = field(default="", repr=False)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "blockvault.sqlite"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path}"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    def encryption_key_bytes(self) -> bytes | None:
+        raw = self.encryption_key
+        if self.encryption_key_file:
+            data = Path(self.encryption_key_file).read_bytes()
+            raw = data.decode("ascii", "replace").strip() if len(data) != 32 else ""
+            if len(data) == 32:
+                return data
+        if not raw:
+            return None
+        try:
+            key = bytes.fromhex(raw)
+        except ValueError:
+            raise ValueError("encryption key must be 64 hex characters or a 32-byte file") from None
+        if len(key) != 32:
+            raise ValueError("encryption key must be 32 bytes (64 hex characters)")
+        return key
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on", "y", "t")
+        return bool(value)
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, Path):
+        return Path(value).expanduser()
+    if isinstance(current, list):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return list(value)
+    return str(value)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from defaults, ``config_file`` (TOML), the environment and ``overrides``.
+
+    Unknown keys in the file are an error: a typo must not silently fall back to a default.
+    """
+    settings = Settings()
+    names = {f.name for f in dataclasses.fields(Settings)}
+    sources: list[dict[str, Any]] = []
+    config_file = config_file or os.environ.get("BLOCKVAULT_CONFIG")
+    if config_file:
+        with open(config_file, "rb") as f:
+            data = tomllib.load(f)
+        data = data.get("blockvault", data)
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) in {config_file}: {', '.join(unknown)}")
+        sources.append(data)
+    env = {}
+    for name in names:
+        value = os.environ.get(f"BLOCKVAULT_{name.upper()}")
+        if value is not None:
+            env[name] = value
+    sources.append(env)
+    sources.append({k: v for k, v in overrides.items() if v is not None})
+    for source in sources:
+        for key, value in source.items():
+            setattr(settings, key, _coerce(value, getattr(settings, key), key))
+    return settings

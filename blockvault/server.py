@@ -1,0 +1,172 @@
+"""Wiring: builds the whole service (DB, object store, engine, volume driver, rules, job
+runner) from settings, and the ASGI application around it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse
+from starlette.routing import Route
+
+from blockvault.api import backups as backup_routes
+from blockvault.api import volumes as volume_routes
+from blockvault.api.faults import fault_response
+from blockvault.api.http import make_routes, public_base
+from blockvault.api.versions import v2_document, versions_document
+from blockvault.config import Settings
+from blockvault.db import Database
+from blockvault.engine import Engine, EngineConfig
+from blockvault.service.backups import BackupService
+from blockvault.service.context import RequestContext
+from blockvault.service.jobs import JobRunner
+from blockvault.service.quotas import QuotaDefaults, Quotas
+from blockvault.service.recovery import sweep_orphans
+from blockvault.service.tasks import Tasks
+from blockvault.service.volumes import VolumeService
+from blockvault.store.factory import backup_service_name, make_backend
+from blockvault.volume import RawFileDriver
+
+log = logging.getLogger("blockvault")
+
+
+class Services:
+    """The running service: every long-lived object, built once from settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.db_url)
+        self.db.upgrade()
+        self.backend = make_backend(settings)
+        self.engine = Engine(
+            self.backend,
+            settings.cache_dir,
+            EngineConfig(
+                block_size=settings.block_size,
+                pack_size=settings.pack_size,
+                compression=settings.compression,
+                zstd_level=settings.zstd_level,
+                workers=settings.engine_workers,
+                upload_concurrency=settings.upload_concurrency,
+                encryption_key=settings.encryption_key_bytes(),
+            ),
+        )
+        self.driver = RawFileDriver(settings.volumes_dir)
+        self.quotas = Quotas(
+            QuotaDefaults(
+                volumes=settings.quota_volumes,
+                gigabytes=settings.quota_gigabytes,
+                snapshots=settings.quota_snapshots,
+                backups=settings.quota_backups,
+                backup_gigabytes=settings.quota_backup_gigabytes,
+            )
+        )
+        self.volumes = VolumeService(
+            self.db, self.driver, self.quotas, settings.availability_zone,
+            settings.osapi_max_limit,
+        )
+        service_name = backup_service_name(self.backend.kind)
+        self.backups = BackupService(
+            self.db,
+            self.volumes,
+            self.quotas,
+            default_container=settings.default_container,
+            service_name=service_name,
+            validate_container=self.backend.validate_container_name,
+            max_limit=settings.osapi_max_limit,
+            wake_workers=lambda: self.runner.wake(),
+        )
+        tasks = Tasks(
+            self.db,
+            self.engine,
+            self.driver,
+            default_container=settings.default_container,
+            availability_zone=settings.availability_zone,
+            service_name=service_name,
+            host=socket.gethostname(),
+        )
+        self.runner = JobRunner(
+            self.db,
+            tasks.handlers(),
+            tasks.fail,
+            workers=settings.backup_workers,
+            lease_seconds=settings.job_lease_seconds,
+        )
+
+    def start(self) -> None:
+        self.runner.start()
+        sweep_orphans(self.db)
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.db.dispose()
+
+    # -- quotas (thin: the rules live in Quotas) ----------------------------------------------
+
+    def quota_view(self, ctx: RequestContext, target: str) -> tuple[dict, dict]:
+        if target != ctx.project_id:
+            ctx.require_admin("volume_extension:quotas:show")
+        with self.db.session() as s:
+            return self.quotas.limits(s, target), self.quotas.usage(s, target)
+
+    def quota_defaults(self) -> dict[str, int]:
+        return asdict(self.quotas.defaults)
+
+    def set_quotas(self, ctx: RequestContext, target: str, values: dict[str, Any]) -> dict:
+        ctx.require_admin("volume_extension:quotas:update")
+        with self.db.session() as s:
+            self.quotas.set_limits(s, target, values)
+        with self.db.session() as s:
+            return self.quotas.limits(s, target)
+
+
+def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
+    settings = services.settings
+
+    async def root(request: Request) -> JSONResponse:
+        return JSONResponse(versions_document(public_base(request, settings.public_endpoint)), 300)
+
+    async def v3_root(request: Request) -> JSONResponse:
+        return JSONResponse(versions_document(public_base(request, settings.public_endpoint)))
+
+    async def v2_root(request: Request) -> JSONResponse:
+        return JSONResponse(v2_document(public_base(request, settings.public_endpoint)))
+
+    async def v3_redirect(request: Request) -> RedirectResponse:
+        return RedirectResponse(str(request.url).rstrip("/") + "/", 302)
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return fault_response(404, "The resource could not be found.")
+
+    async def bad_method(request: Request, exc: Exception) -> JSONResponse:
+        return fault_response(405, "The method is not allowed for the requested URL.")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            services.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                services.stop()
+
+    routes = [
+        Route("/", root),
+        Route("/v3/", v3_root),
+        Route("/v3", v3_redirect),
+        Route("/v2/", v2_root),
+        *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS, services),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={404: not_found, 405: bad_method},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,414 @@
+"""Backup rules (reference §4 and §7): what may be backed up, restored, deleted,
+exported and imported, and the status transitions each call makes.
+
+Every decision is one transaction; long work is queued as a job in the same transaction,
+so a backup row never exists without the work that will finish it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from blockvault.db.models import Backup, Job, utcnow
+from blockvault.db.session import Database
+from blockvault.service.context import RequestContext
+from blockvault.service.errors import (
+    Invalid,
+    NotFound,
+    invalid_backup,
+    invalid_input,
+    invalid_volume,
+)
+from blockvault.service.listing import ListSpec, Page, list_resources
+from blockvault.service.quotas import Quotas
+from blockvault.service.volumes import VolumeService, set_volume_status, visible_snapshot, visible_volume
+
+NULL_UUID = "00000000-0000-0000-0000-000000000000"
+
+BACKUP_LIST = ListSpec(
+    Backup,
+    ("name", "status", "volume_id"),
+    {"name": "display_name", "description": "display_description"},
+    "Backup",
+)
+
+#: Every Backup object field of Cinder's export record (reference §4.8), in its order.
+RECORD_FIELDS = (
+    "id", "user_id", "project_id", "volume_id", "host", "availability_zone", "container",
+    "parent_id", "status", "fail_reason", "size", "display_name", "display_description",
+    "service_metadata", "service", "object_count", "temp_volume_id", "temp_snapshot_id",
+    "num_dependent_backups", "snapshot_id", "data_timestamp", "restore_volume_id", "metadata",
+    "encryption_key_id", "created_at", "updated_at", "deleted_at", "deleted",
+)
+_DATETIME_FIELDS = {"data_timestamp", "created_at", "updated_at", "deleted_at"}
+
+
+@dataclass(frozen=True)
+class RestoreTarget:
+    backup_id: str
+    volume_id: str
+    volume_name: str | None
+
+
+def visible_backup(s: Session, ctx: RequestContext, backup_id: str, lock: bool = False) -> Backup:
+    stmt = select(Backup).where(Backup.id == backup_id, Backup.deleted.is_(False))
+    if not ctx.is_admin:
+        stmt = stmt.where(Backup.project_id == ctx.project_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    backup = s.scalars(stmt).first()
+    if backup is None:
+        raise NotFound(f"Backup {backup_id} could not be found.")
+    return backup
+
+
+def set_backup_status(s: Session, backup_id: str, expected: tuple[str, ...], **values: Any) -> bool:
+    """One conditional UPDATE, so two workers or requests can never both win."""
+    res = s.execute(
+        update(Backup)
+        .where(Backup.id == backup_id, Backup.status.in_(expected), Backup.deleted.is_(False))
+        .values(updated_at=utcnow(), **values)
+    )
+    return res.rowcount == 1
+
+
+def queue_job(s: Session, kind: str, backup_id: str, volume_id: str | None = None, **params: Any) -> None:
+    s.add(Job(kind=kind, backup_id=backup_id, volume_id=volume_id, params=params))
+
+
+def export_datetime(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_record_datetime(value: Any) -> dt.datetime | None:
+    if value in (None, ""):
+        return None
+    text = str(value).replace(" ", "T")
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    parsed = dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    return parsed
+
+
+def backup_record(backup: Backup) -> dict[str, Any]:
+    """The self-describing record of a backup (export_record's JSON, also kept in the store)."""
+    record: dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        value = backup.metadata_ if name == "metadata" else getattr(backup, name)
+        if name in _DATETIME_FIELDS:
+            value = export_datetime(value)
+        record[name] = value
+    record["driver_info"] = {}
+    record["volume_meta"] = backup.volume_meta
+    return record
+
+
+class BackupService:
+    def __init__(
+        self,
+        db: Database,
+        volumes: VolumeService,
+        quotas: Quotas,
+        *,
+        default_container: str,
+        service_name: str,
+        validate_container: Any,
+        max_limit: int,
+        wake_workers: Any = lambda: None,
+    ) -> None:
+        self.db = db
+        self.volumes = volumes
+        self.quotas = quotas
+        self.default_container = default_container
+        self.service_name = service_name
+        self.validate_container = validate_container
+        self.max_limit = max_limit
+        self.wake_workers = wake_workers
+
+    # -- read ---------------------------------------------------------------------------
+
+    def get(self, ctx: RequestContext, backup_id: str) -> Backup:
+        with self.db.session() as s:
+            return visible_backup(s, ctx, backup_id)
+
+    def list(self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]) -> Page:
+        with self.db.session() as s:
+            return list_resources(s, ctx, BACKUP_LIST, params, version, self.max_limit)
+
+    def progress(self, ctx: RequestContext, backup_id: str) -> tuple[Backup, Job | None]:
+        with self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id)
+            job = s.scalars(
+                select(Job).where(Job.backup_id == backup_id).order_by(Job.created_at.desc())
+            ).first()
+            return backup, job
+
+    # -- create -------------------------------------------------------------------------
+
+    def create(
+        self,
+        ctx: RequestContext,
+        volume_id: str,
+        *,
+        container: str | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        incremental: bool = False,
+        force: bool = False,
+        snapshot_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        availability_zone: str | None = None,
+    ) -> Backup:
+        if container:
+            reason = self.validate_container(container)
+            if reason:
+                raise invalid_input(f"Container name {container} is not valid: {reason}")
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            snap = None
+            if snapshot_id:
+                snap = visible_snapshot(s, ctx, snapshot_id)
+                if snap.volume_id != volume_id:
+                    raise invalid_volume(
+                        f"Volume {volume_id} does not match with snapshot.volume_id "
+                        f"{snap.volume_id}."
+                    )
+                if snap.status != "available":
+                    raise Invalid(
+                        "Invalid snapshot: Snapshot to be backed up must be available, but the "
+                        f'current status is "{snap.status}".'
+                    )
+            else:
+                if vol.status not in ("available", "in-use"):
+                    raise invalid_volume(
+                        "Volume to be backed up must be available or in-use, but the current "
+                        f'status is "{vol.status}".'
+                    )
+                if vol.status == "in-use" and not force:
+                    raise invalid_volume("Backing up an in-use volume must use the force flag.")
+            self.quotas.check_backup(s, ctx.project_id, vol.size)
+
+            parent_id = None
+            if incremental:
+                parent_id = self._choose_parent(s, ctx, volume_id, snap)
+
+            backup = Backup(
+                id=str(uuid.uuid4()),
+                user_id=ctx.user_id,
+                project_id=ctx.project_id,
+                volume_id=volume_id,
+                snapshot_id=snapshot_id,
+                parent_id=parent_id,
+                status="creating",
+                display_name=name,
+                display_description=description,
+                container=container,
+                availability_zone=availability_zone,
+                size=vol.size,
+                object_count=0,
+                metadata_=dict(metadata or {}),
+                volume_meta={
+                    "display_name": vol.display_name,
+                    "display_description": vol.display_description,
+                    "metadata": dict(vol.metadata_ or {}),
+                    "bootable": vol.bootable,
+                },
+            )
+            backup.created_at = utcnow()
+            backup.data_timestamp = snap.created_at if snap else backup.created_at
+            s.add(backup)
+            if snap is not None:
+                snap.status = "backing-up"
+            else:
+                vol.previous_status, vol.status = vol.status, "backing-up"
+            vol.updated_at = utcnow()
+            s.flush()
+            queue_job(s, "create", backup.id, volume_id)
+        self.wake_workers()
+        return backup
+
+    @staticmethod
+    def _choose_parent(s: Session, ctx: RequestContext, volume_id: str, snap: Any) -> str:
+        candidates = list(
+            s.scalars(
+                select(Backup).where(
+                    Backup.volume_id == volume_id,
+                    Backup.project_id == ctx.project_id,
+                    Backup.deleted.is_(False),
+                )
+            )
+        )
+        usable = [
+            b
+            for b in candidates
+            if b.status == "available"
+            and b.data_timestamp is not None
+            and (snap is None or b.data_timestamp < snap.created_at)
+        ]
+        if not usable:
+            raise invalid_backup("No backups available to do an incremental backup.")
+        return max(usable, key=lambda b: b.data_timestamp).id
+
+    # -- update ---------------------------------------------------------------------------
+
+    def update(self, ctx: RequestContext, backup_id: str, changes: dict[str, Any]) -> Backup:
+        with self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id, lock=True)
+            for key, value in changes.items():
+                setattr(backup, key, value)
+            backup.updated_at = utcnow()
+        return backup
+
+    # -- delete ---------------------------------------------------------------------------
+
+    def delete(self, ctx: RequestContext, backup_id: str, force: bool = False) -> None:
+        with self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id, lock=True)
+            if force:
+                ctx.require_admin("volume_extension:backup_admin_actions:force_delete")
+            elif backup.status not in ("available", "error"):
+                raise invalid_backup("Backup status must be available or error")
+            # Any project: an incremental is never orphaned (stricter than Cinder, §15).
+            child = s.scalar(
+                select(Backup.id).where(Backup.parent_id == backup_id, Backup.deleted.is_(False))
+            )
+            if child:
+                raise invalid_backup("Incremental backups exist for this backup.")
+            backup.status, backup.updated_at = "deleting", utcnow()
+            queue_job(s, "delete", backup_id)
+        self.wake_workers()
+
+    # -- restore --------------------------------------------------------------------------
+
+    def restore(
+        self, ctx: RequestContext, backup_id: str, volume_id: str | None, name: str | None
+    ) -> RestoreTarget:
+        backup = self.get(ctx, backup_id)
+        self._check_restorable(backup)
+        target_is_new = volume_id is None
+        if target_is_new:
+            vol = self.volumes.create_for_restore(
+                ctx, backup.size, name or f"restore_backup_{backup_id}"
+            )
+            volume_id = vol.id
+        with self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id, lock=True)
+            self._check_restorable(backup)
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            if vol.status != "available":
+                raise invalid_volume("Volume to be restored to must be available")
+            if backup.size > vol.size:
+                raise invalid_volume(
+                    f"volume size {vol.size} is too small to restore backup of size "
+                    f"{backup.size}."
+                )
+            backup.status, backup.restore_volume_id = "restoring", volume_id
+            backup.updated_at = utcnow()
+            vol.previous_status, vol.status = vol.status, "restoring-backup"
+            vol.updated_at = utcnow()
+            queue_job(s, "restore", backup_id, volume_id, target_is_new=target_is_new)
+            result = RestoreTarget(backup_id, volume_id, vol.display_name)
+        self.wake_workers()
+        return result
+
+    @staticmethod
+    def _check_restorable(backup: Backup) -> None:
+        if backup.status != "available":
+            raise invalid_backup("Backup status must be available")
+        if backup.size is None:
+            raise invalid_backup("Backup to be restored has invalid size")
+
+    # -- admin actions ----------------------------------------------------------------------
+
+    def reset_status(self, ctx: RequestContext, backup_id: str, status: str) -> None:
+        ctx.require_admin("volume_extension:backup_admin_actions:reset_status")
+        status = status.lower()
+        if status not in ("available", "error"):
+            raise Invalid(
+                f"Invalid input for field/attribute status. Value: {status}. "
+                f"'{status}' is not a 'backup_status'"
+            )
+        with self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id, lock=True)
+            backup.status, backup.updated_at = status, utcnow()
+
+    def export_record(self, ctx: RequestContext, backup_id: str) -> dict[str, str]:
+        ctx.require_admin("backup:export-import")
+        with self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id)
+            if backup.status != "available":
+                raise invalid_backup(
+                    f"Backup status must be available and not {backup.status}."
+                )
+            record = backup_record(backup)
+        url = base64.b64encode(json.dumps(record).encode()).decode("ascii")
+        return {"backup_service": backup.service or self.service_name, "backup_url": url}
+
+    def import_record(self, ctx: RequestContext, backup_service: str, backup_url: str) -> Backup:
+        ctx.require_admin("backup:backup-import")
+        try:
+            raw = base64.b64decode(backup_url.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise Invalid(
+                f"Invalid input for field/attribute backup_url. Value: {backup_url}. "
+                f"'{backup_url}' is not a 'base64'"
+            ) from None
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            raise invalid_input("Can't parse backup record.") from None
+        if not isinstance(record, dict):
+            raise invalid_input("Can't parse backup record.")
+        backup_id = record.get("id")
+        if not backup_id:
+            raise invalid_input("Provided backup record is missing an id")
+        if not _is_uuid(backup_id):
+            raise invalid_input(f"Backup record id {backup_id!r} is not a UUID.")
+        if "size" not in record:
+            raise invalid_input("Provided backup record is missing size attribute")
+        size = record["size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise invalid_input("Backup record size must be a non-negative integer.")
+        with self.db.session() as s:
+            existing = s.get(Backup, backup_id)
+            if existing is not None and not existing.deleted:
+                raise invalid_backup("Backup already exists in database.")
+            self.quotas.check_backup(s, ctx.project_id, size)
+            if existing is not None:
+                s.delete(existing)
+                s.flush()
+            backup = Backup(
+                id=backup_id,
+                user_id=ctx.user_id,
+                project_id=ctx.project_id,
+                volume_id=NULL_UUID,
+                status="creating",
+                size=size,
+                object_count=0,
+                metadata_={},
+                created_at=utcnow(),
+            )
+            s.add(backup)
+            s.flush()
+            queue_job(s, "import", backup_id, backup_service=backup_service, record=record)
+        self.wake_workers()
+        return backup
+
+
+def _is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True

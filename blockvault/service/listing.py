@@ -1,0 +1,211 @@
+"""List queries as Cinder answers them: scope, filters, sorting, keyset pagination with
+``marker``, ``offset``, ``limit`` and ``with_count`` (reference §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Integer, and_, false, func, or_, select
+from sqlalchemy.orm import Session
+
+from blockvault.service.context import RequestContext
+from blockvault.service.errors import Invalid, NotFound, invalid_input
+
+TRUE_STRINGS = ("1", "t", "true", "on", "y", "yes")
+FALSE_STRINGS = ("0", "f", "false", "off", "n", "no")
+_RESERVED = {"limit", "marker", "offset", "sort", "sort_key", "sort_dir", "all_tenants"}
+DB_MAX_INT = 2147483647
+
+
+def parse_bool(value: str) -> bool | None:
+    v = value.strip().lower()
+    if v in TRUE_STRINGS:
+        return True
+    if v in FALSE_STRINGS:
+        return False
+    return None
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    """What differs between the resources listed this way."""
+
+    model: Any
+    #: filter keys a non-admin may use (``resource_filters.json``)
+    user_filters: tuple[str, ...]
+    #: API name -> column attribute name
+    renames: dict[str, str]
+    not_found: str  # "Backup", "Volume", "Snapshot" (for the marker message)
+
+
+@dataclass
+class Page:
+    items: list[Any]
+    count: int | None
+    has_next: bool
+
+
+def list_resources(
+    s: Session,
+    ctx: RequestContext,
+    spec: ListSpec,
+    params: dict[str, str],
+    version: tuple[int, int],
+    max_limit: int,
+) -> Page:
+    model = spec.model
+    params = dict(params)
+    columns = {c.key: c for c in model.__table__.columns}
+    attr_of = {c.name: attr for attr, c in model.__mapper__.columns.items()}
+
+    # -- scope ------------------------------------------------------------------------
+    all_tenants = False
+    if "all_tenants" in params:
+        raw = params.pop("all_tenants")
+        if ctx.is_admin:
+            parsed = parse_bool(raw)
+            if parsed is None:
+                raise Invalid(f"all_tenants must be a boolean, got '{raw}'.")
+            all_tenants = parsed
+
+    # -- with_count ---------------------------------------------------------------------
+    with_count = False
+    if version >= (3, 45) and "with_count" in params:
+        raw = params.pop("with_count")
+        parsed = parse_bool(raw)
+        if parsed is None:
+            raise Invalid(f"Value '{raw}' for 'with_count' is not a boolean.")
+        with_count = parsed
+
+    # -- pagination params ---------------------------------------------------------------
+    limit = max_limit
+    if "limit" in params:
+        try:
+            limit = int(params["limit"])
+        except ValueError:
+            raise Invalid("limit param must be an integer") from None
+        if limit < 0:
+            raise Invalid("limit param must be positive")
+        limit = min(limit, max_limit)
+    offset = 0
+    if "offset" in params:
+        try:
+            offset = int(params["offset"])
+        except ValueError:
+            raise Invalid("offset must be an integer") from None
+        if offset < 0:
+            raise Invalid("offset must be >= 0")
+        if offset > DB_MAX_INT:
+            raise Invalid(f"offset must be <= {DB_MAX_INT}")
+    marker = params.get("marker")
+    sort = _sort_keys(params, version)
+
+    # -- filters ------------------------------------------------------------------------
+    filters = {k: v for k, v in params.items() if k not in _RESERVED}
+    if any(not k.isascii() for k in filters):
+        raise Invalid("Filter keys can only contain ASCII characters.")
+    if not ctx.is_admin:
+        if version >= (3, 31):
+            bad = [k for k in filters if k not in spec.user_filters]
+            if bad:
+                raise Invalid(f"Invalid filters {','.join(sorted(bad))} are found in query options.")
+        else:
+            filters = {k: v for k, v in filters.items() if k in spec.user_filters}
+
+    stmt = select(model).where(model.deleted.is_(False))
+    if not (ctx.is_admin and all_tenants):
+        stmt = stmt.where(model.project_id == ctx.project_id)
+    for key, value in filters.items():
+        like = version >= (3, 34) and key.endswith("~")
+        name = key[:-1] if like else key
+        name = spec.renames.get(name, name)
+        if name not in columns:
+            return Page([], 0 if with_count else None, False)  # Cinder: unknown column -> empty
+        col = getattr(model, attr_of.get(name, name))
+        if like:
+            stmt = stmt.where(col.like(f"%{value}%"))
+        elif isinstance(columns[name].type, Integer):
+            try:
+                stmt = stmt.where(col == int(value))
+            except ValueError:
+                return Page([], 0 if with_count else None, False)
+        else:
+            stmt = stmt.where(col == value)
+
+    count = None
+    if with_count:
+        count = s.scalar(select(func.count()).select_from(stmt.subquery()))
+
+    # -- sort and keyset ----------------------------------------------------------------
+    order_cols = []
+    for key, direction in sort:
+        key = spec.renames.get(key, key)
+        if key not in columns:
+            raise invalid_input("Invalid sort key")
+        order_cols.append((getattr(model, attr_of.get(key, key)), direction))
+    if marker is not None:
+        marker_row = s.get(model, marker)
+        visible = marker_row is not None and not marker_row.deleted
+        if visible and not (ctx.is_admin and all_tenants):
+            visible = marker_row.project_id == ctx.project_id
+        if not visible:
+            raise NotFound(f"Marker {marker} could not be found.")
+        stmt = stmt.where(_after(marker_row, order_cols))
+    stmt = stmt.order_by(
+        *[c.asc().nulls_first() if d == "asc" else c.desc().nulls_last() for c, d in order_cols]
+    )
+    stmt = stmt.offset(offset).limit(limit)
+    items = list(s.scalars(stmt))
+    item_count = count if with_count else len(items)
+    has_next = bool(items) and limit <= (item_count or 0)
+    return Page(items, count, has_next)
+
+
+def _sort_keys(params: dict[str, str], version: tuple[int, int]) -> list[tuple[str, str]]:
+    sort = params.get("sort")
+    if sort is not None and ("sort_key" in params or "sort_dir" in params):
+        raise Invalid(
+            "The 'sort_key' and 'sort_dir' parameters are deprecated and cannot be used with "
+            "the 'sort' parameter."
+        )
+    keys: list[tuple[str, str]] = []
+    if sort is not None:
+        for part in sort.split(","):
+            key, _, direction = part.strip().partition(":")
+            keys.append((key.strip(), (direction or "desc").strip().lower()))
+    else:
+        keys.append(
+            (params.get("sort_key", "created_at").strip(), params.get("sort_dir", "desc").lower())
+        )
+    out = []
+    for key, direction in keys:
+        if direction not in ("asc", "desc"):
+            raise invalid_input("Unknown sort direction, must be 'desc' or 'asc'.")
+        if key == "name":
+            if version < (3, 37):
+                raise invalid_input("Invalid sort key")
+        out.append((key, direction))
+    first_dir = out[0][1]
+    names = {k for k, _ in out}
+    for tie in ("created_at", "id"):
+        if tie not in names:
+            out.append((tie, first_dir))
+    return out
+
+
+def _after(row: Any, order_cols: list) -> Any:
+    """Rows strictly after ``row`` in the order (NULLS FIRST asc, NULLS LAST desc)."""
+    clauses = []
+    for i, (col, direction) in enumerate(order_cols):
+        equal = [
+            (c.is_(None) if getattr(row, c.key) is None else c == getattr(row, c.key))
+            for c, _ in order_cols[:i]
+        ]
+        value = getattr(row, col.key)
+        if direction == "asc":
+            beyond = col.is_not(None) if value is None else col > value
+        else:
+            beyond = false() if value is None else or_(col < value, col.is_(None))
+        clauses.append(and_(*equal, beyond))
+    return or_(*clauses)

@@ -1,0 +1,128 @@
+"""Quotas. Usage is counted from the rows themselves, so it can never drift from the
+truth; limits are the configured defaults unless a project has an override."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from blockvault.db.models import Backup, QuotaLimit, Snapshot, Volume
+from blockvault.service.errors import OverQuota, invalid_input
+
+RESOURCES = ("volumes", "gigabytes", "snapshots", "backups", "backup_gigabytes")
+
+
+@dataclass(frozen=True)
+class QuotaDefaults:
+    volumes: int = 10
+    gigabytes: int = 1000
+    snapshots: int = 10
+    backups: int = 10
+    backup_gigabytes: int = 1000
+
+
+class Quotas:
+    def __init__(self, defaults: QuotaDefaults) -> None:
+        self.defaults = defaults
+
+    def limits(self, s: Session, project_id: str) -> dict[str, int]:
+        limits = {r: getattr(self.defaults, r) for r in RESOURCES}
+        rows = s.scalars(select(QuotaLimit).where(QuotaLimit.project_id == project_id))
+        for row in rows:
+            limits[row.resource] = row.hard_limit
+        return limits
+
+    def usage(self, s: Session, project_id: str) -> dict[str, int]:
+        vols = s.execute(
+            select(func.count(), func.coalesce(func.sum(Volume.size), 0)).where(
+                Volume.project_id == project_id, Volume.deleted.is_(False)
+            )
+        ).one()
+        snaps = s.execute(
+            select(func.count(), func.coalesce(func.sum(Snapshot.size), 0)).where(
+                Snapshot.project_id == project_id, Snapshot.deleted.is_(False)
+            )
+        ).one()
+        backups = s.execute(
+            select(func.count(), func.coalesce(func.sum(Backup.size), 0)).where(
+                Backup.project_id == project_id, Backup.deleted.is_(False)
+            )
+        ).one()
+        return {
+            "volumes": int(vols[0]),
+            "gigabytes": int(vols[1]) + int(snaps[1]),
+            "snapshots": int(snaps[0]),
+            "backups": int(backups[0]),
+            "backup_gigabytes": int(backups[1]),
+        }
+
+    def set_limits(self, s: Session, project_id: str, values: dict[str, object]) -> None:
+        for key, value in values.items():
+            if key not in RESOURCES:
+                raise invalid_input(f"Bad key(s) in quota set: {key}")
+            try:
+                limit = int(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise invalid_input(f"Quota limit {value!r} for {key} is not an integer.") from None
+            if limit < -1:
+                raise invalid_input(f"Quota limit {limit} for {key} must be -1 or greater.")
+            row = s.get(QuotaLimit, (project_id, key))
+            if row is None:
+                s.add(QuotaLimit(project_id=project_id, resource=key, hard_limit=limit))
+            else:
+                row.hard_limit = limit
+
+    # -- checks: called inside the transaction that inserts the counted row -------------
+
+    def check_backup(self, s: Session, project_id: str, size: int) -> None:
+        limits, used = self.limits(s, project_id), self.usage(s, project_id)
+        if _over(limits["backups"], used["backups"], 1):
+            raise OverQuota(
+                f"Maximum number of backups allowed ({limits['backups']}) exceeded",
+                "BackupLimitExceeded",
+            )
+        if _over(limits["backup_gigabytes"], used["backup_gigabytes"], size):
+            raise OverQuota(
+                "Requested backup exceeds allowed Backup gigabytes quota. "
+                f"Requested {size}G, quota is {limits['backup_gigabytes']}G and "
+                f"{used['backup_gigabytes']}G has been consumed.",
+                "VolumeBackupSizeExceedsAvailableQuota",
+            )
+
+    def check_volume(self, s: Session, project_id: str, size: int) -> None:
+        limits, used = self.limits(s, project_id), self.usage(s, project_id)
+        if _over(limits["volumes"], used["volumes"], 1):
+            raise OverQuota(
+                f"Maximum number of volumes allowed ({limits['volumes']}) exceeded for "
+                "quota 'volumes'.",
+                "VolumeLimitExceeded",
+            )
+        self._check_gigabytes(limits, used, size)
+
+    def check_snapshot(self, s: Session, project_id: str, size: int) -> None:
+        limits, used = self.limits(s, project_id), self.usage(s, project_id)
+        if _over(limits["snapshots"], used["snapshots"], 1):
+            raise OverQuota(
+                f"Maximum number of snapshots allowed ({limits['snapshots']}) exceeded",
+                "SnapshotLimitExceeded",
+            )
+        self._check_gigabytes(limits, used, size)
+
+    def check_extend(self, s: Session, project_id: str, delta: int) -> None:
+        self._check_gigabytes(self.limits(s, project_id), self.usage(s, project_id), delta)
+
+    @staticmethod
+    def _check_gigabytes(limits: dict[str, int], used: dict[str, int], size: int) -> None:
+        if _over(limits["gigabytes"], used["gigabytes"], size):
+            raise OverQuota(
+                "Requested volume or snapshot exceeds allowed gigabytes quota. "
+                f"Requested {size}G, quota is {limits['gigabytes']}G and "
+                f"{used['gigabytes']}G has been consumed.",
+                "VolumeSizeExceedsAvailableQuota",
+            )
+
+
+def _over(limit: int, used: int, requested: int) -> bool:
+    return limit >= 0 and used + requested > limit

@@ -1,0 +1,344 @@
+"""Volumes and snapshots: what backups read from and restore into.
+
+Volumes are created synchronously (a sparse file is instant), so ``creating`` is only
+ever seen inside the transaction that makes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from blockvault.db.models import Backup, Snapshot, Volume, utcnow
+from blockvault.db.session import Database
+from blockvault.service.context import RequestContext
+from blockvault.service.errors import Conflict, Invalid, NotFound, invalid_input, invalid_volume
+from blockvault.service.listing import ListSpec, Page, list_resources
+from blockvault.service.quotas import Quotas
+from blockvault.volume import RawFileDriver
+
+GiB = 1024**3
+
+VOLUME_LIST = ListSpec(
+    Volume,
+    ("name", "status", "metadata", "bootable", "availability_zone", "volume_type"),
+    {"name": "display_name", "description": "display_description"},
+    "Volume",
+)
+SNAPSHOT_LIST = ListSpec(
+    Snapshot,
+    ("name", "status", "volume_id", "metadata", "availability_zone"),
+    {"name": "display_name", "description": "display_description"},
+    "Snapshot",
+)
+
+
+def visible_volume(s: Session, ctx: RequestContext, volume_id: str, lock: bool = False) -> Volume:
+    stmt = select(Volume).where(Volume.id == volume_id, Volume.deleted.is_(False))
+    if not ctx.is_admin:
+        stmt = stmt.where(Volume.project_id == ctx.project_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    vol = s.scalars(stmt).first()
+    if vol is None:
+        raise NotFound(f"Volume {volume_id} could not be found.")
+    return vol
+
+
+def visible_snapshot(s: Session, ctx: RequestContext, snapshot_id: str) -> Snapshot:
+    stmt = select(Snapshot).where(Snapshot.id == snapshot_id, Snapshot.deleted.is_(False))
+    if not ctx.is_admin:
+        stmt = stmt.where(Snapshot.project_id == ctx.project_id)
+    snap = s.scalars(stmt.with_for_update()).first()
+    if snap is None:
+        raise NotFound(f"Snapshot {snapshot_id} could not be found.")
+    return snap
+
+
+def set_volume_status(s: Session, volume_id: str, expected: Iterable[str], **values: Any) -> bool:
+    """One conditional UPDATE: change the row only if its status is one of ``expected``."""
+    res = s.execute(
+        update(Volume)
+        .where(Volume.id == volume_id, Volume.status.in_(list(expected)))
+        .values(updated_at=utcnow(), **values)
+    )
+    return res.rowcount == 1
+
+
+class VolumeService:
+    def __init__(
+        self, db: Database, driver: RawFileDriver, quotas: Quotas, availability_zone: str,
+        max_limit: int,
+    ) -> None:
+        self.db = db
+        self.driver = driver
+        self.quotas = quotas
+        self.availability_zone = availability_zone
+        self.max_limit = max_limit
+
+    # -- volumes --------------------------------------------------------------------------
+
+    def create(
+        self,
+        ctx: RequestContext,
+        size: int,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        availability_zone: str | None = None,
+        volume_type: str | None = None,
+        snapshot_id: str | None = None,
+        source_volid: str | None = None,
+    ) -> Volume:
+        if availability_zone and availability_zone != self.availability_zone:
+            raise invalid_input(f"Availability zone '{availability_zone}' is invalid.")
+        with self.db.session() as s:
+            src_path = None
+            if snapshot_id:
+                snap = visible_snapshot(s, ctx, snapshot_id)
+                if snap.status != "available":
+                    raise invalid_input(f"Snapshot {snapshot_id} must be available.")
+                size = size or snap.size
+                if size < snap.size:
+                    raise invalid_input("Volume size must not be smaller than the snapshot size.")
+                src_path = self.driver.snapshot_path(snap.id)
+            if source_volid:
+                src = visible_volume(s, ctx, source_volid)
+                if src.status not in ("available", "in-use"):
+                    raise invalid_volume("Source volume must be available or in-use.")
+                size = size or src.size
+                if size < src.size:
+                    raise invalid_input("Volume size must not be smaller than the source volume.")
+                src_path = self.driver.volume_path(src.id)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise invalid_input(
+                    f"Volume size '{size}' must be an integer and greater than 0."
+                )
+            self.quotas.check_volume(s, ctx.project_id, size)
+            vol = Volume(
+                project_id=ctx.project_id,
+                user_id=ctx.user_id,
+                size=size,
+                display_name=name,
+                display_description=description,
+                metadata_=dict(metadata or {}),
+                status="creating",
+                availability_zone=self.availability_zone,
+                volume_type=volume_type or "__DEFAULT__",
+                snapshot_id=snapshot_id,
+                source_volid=source_volid,
+            )
+            s.add(vol)
+            s.flush()
+            if src_path is None:
+                self.driver.create(vol.id, size)
+            else:
+                self.driver.create_from(vol.id, size, src_path)
+            vol.status = "available"
+            vol.updated_at = utcnow()
+        return vol
+
+    def create_for_restore(self, ctx: RequestContext, size: int, name: str) -> Volume:
+        """A target volume for a restore without ``volume_id`` (reference §7.5)."""
+        return self.create(ctx, size, name, "auto-created_from_restore_from_backup")
+
+    def get(self, ctx: RequestContext, volume_id: str) -> Volume:
+        with self.db.session() as s:
+            return visible_volume(s, ctx, volume_id)
+
+    def list(self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]) -> Page:
+        with self.db.session() as s:
+            return list_resources(s, ctx, VOLUME_LIST, params, version, self.max_limit)
+
+    def update(self, ctx: RequestContext, volume_id: str, changes: dict[str, Any]) -> Volume:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            for key, value in changes.items():
+                setattr(vol, key, value)
+            vol.updated_at = utcnow()
+        return vol
+
+    def delete(self, ctx: RequestContext, volume_id: str, cascade: bool = False) -> None:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            if vol.status not in ("available", "error", "error_restoring", "error_extending"):
+                raise invalid_volume(
+                    "Volume status must be available or error or error_restoring or "
+                    f"error_extending or error_managing and must not be migrating, attached, "
+                    f"belong to a group, have snapshots or be disassociated from snapshots "
+                    f"after volume transfer."
+                )
+            snaps = list(
+                s.scalars(
+                    select(Snapshot).where(
+                        Snapshot.volume_id == volume_id, Snapshot.deleted.is_(False)
+                    )
+                )
+            )
+            if snaps and not cascade:
+                raise invalid_volume(
+                    "Volume status must be available or error or error_restoring or "
+                    "error_extending or error_managing and must not be migrating, attached, "
+                    "belong to a group, have snapshots or be disassociated from snapshots after "
+                    "volume transfer."
+                )
+            now = utcnow()
+            for snap in snaps:
+                snap.deleted, snap.deleted_at, snap.status = True, now, "deleted"
+                self.driver.delete_snapshot(snap.id)
+            vol.deleted, vol.deleted_at, vol.status = True, now, "deleted"
+        self.driver.delete(volume_id)
+
+    def attach(self, ctx: RequestContext, volume_id: str) -> None:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            if vol.status != "available":
+                raise invalid_volume("status must be available")
+            vol.status, vol.attach_status, vol.updated_at = "in-use", "attached", utcnow()
+
+    def detach(self, ctx: RequestContext, volume_id: str) -> None:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            if vol.status != "in-use":
+                raise invalid_volume("Unable to detach volume. Volume status must be 'in-use'.")
+            vol.status, vol.attach_status, vol.updated_at = "available", "detached", utcnow()
+
+    def extend(self, ctx: RequestContext, volume_id: str, new_size: Any) -> None:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            if vol.status != "available":
+                raise invalid_volume(
+                    f"Volume {volume_id} status must be available or in-use, but current "
+                    f"status is: {vol.status}."
+                )
+            if not isinstance(new_size, int) or isinstance(new_size, bool) or new_size <= vol.size:
+                raise invalid_input(
+                    f"New size for extend must be greater than current size. (current: "
+                    f"{vol.size}, extended: {new_size})."
+                )
+            self.quotas.check_extend(s, ctx.project_id, new_size - vol.size)
+            self.driver.extend(vol.id, new_size)
+            vol.size, vol.updated_at = new_size, utcnow()
+
+    def reset_status(self, ctx: RequestContext, volume_id: str, status: str) -> None:
+        ctx.require_admin("volume_extension:volume_admin_actions:reset_status")
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            vol.status, vol.updated_at = status, utcnow()
+
+    # -- volume data (blockvault extension) ---------------------------------------------
+
+    def write_data(
+        self, ctx: RequestContext, volume_id: str, offset: int, length: int | None,
+        chunks: Iterable[bytes],
+    ) -> int:
+        """Write bytes into an ``available`` volume at ``offset``.
+
+        The volume is marked ``uploading``-free: writes are checked against the status
+        before and the size bound during the write, so a backup cannot start halfway.
+        """
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id)
+            if vol.status != "available":
+                raise Conflict(
+                    f"Volume {volume_id} must be available to write data, but its status is "
+                    f"{vol.status}."
+                )
+            size = vol.size * GiB
+        if offset < 0 or offset > size or (length is not None and offset + length > size):
+            raise invalid_input(
+                f"Write of {length if length is not None else 'unknown'} bytes at offset "
+                f"{offset} is past the end of volume {volume_id} ({size} bytes)."
+            )
+        return self.driver.write(volume_id, offset, _bounded(chunks, size - offset, volume_id))
+
+    def read_data(
+        self, ctx: RequestContext, volume_id: str, start: int, end: int | None
+    ) -> tuple[int, int, int, Iterator[bytes]]:
+        """Returns (start, end exclusive, volume size in bytes, chunks)."""
+        vol = self.get(ctx, volume_id)
+        size = vol.size * GiB
+        end = size if end is None else min(end, size)
+        if start < 0 or start >= size or end <= start:
+            raise Invalid(f"Range {start}-{end} is outside volume {volume_id} ({size} bytes).")
+        return start, end, size, self.driver.read(volume_id, start, end)
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def create_snapshot(
+        self, ctx: RequestContext, volume_id: str, name: str | None, description: str | None,
+        force: bool = False, metadata: dict[str, str] | None = None,
+    ) -> Snapshot:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            if vol.status not in ("available", "in-use") or (vol.status == "in-use" and not force):
+                raise invalid_volume(
+                    f"Volume {volume_id} status must be available, but current status is: "
+                    f"{vol.status}."
+                )
+            self.quotas.check_snapshot(s, ctx.project_id, vol.size)
+            snap = Snapshot(
+                project_id=ctx.project_id,
+                user_id=ctx.user_id,
+                volume_id=volume_id,
+                size=vol.size,
+                display_name=name,
+                display_description=description,
+                metadata_=dict(metadata or {}),
+                status="creating",
+            )
+            s.add(snap)
+            s.flush()
+            self.driver.snapshot(volume_id, snap.id)
+            snap.status = "available"
+            snap.updated_at = utcnow()
+        return snap
+
+    def get_snapshot(self, ctx: RequestContext, snapshot_id: str) -> Snapshot:
+        with self.db.session() as s:
+            return visible_snapshot(s, ctx, snapshot_id)
+
+    def list_snapshots(
+        self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]
+    ) -> Page:
+        with self.db.session() as s:
+            return list_resources(s, ctx, SNAPSHOT_LIST, params, version, self.max_limit)
+
+    def update_snapshot(self, ctx: RequestContext, snapshot_id: str, changes: dict) -> Snapshot:
+        with self.db.session() as s:
+            snap = visible_snapshot(s, ctx, snapshot_id)
+            for key, value in changes.items():
+                setattr(snap, key, value)
+            snap.updated_at = utcnow()
+        return snap
+
+    def delete_snapshot(self, ctx: RequestContext, snapshot_id: str) -> None:
+        with self.db.session() as s:
+            snap = visible_snapshot(s, ctx, snapshot_id)
+            if snap.status not in ("available", "error"):
+                raise Invalid(
+                    f"Invalid snapshot: Volume Snapshot status must be available or error, "
+                    f"but current status is: {snap.status}."
+                )
+            running = s.scalar(
+                select(Backup.id).where(
+                    Backup.snapshot_id == snapshot_id, Backup.status == "creating"
+                )
+            )
+            if running:
+                raise Invalid("Invalid snapshot: a backup of this snapshot is running.")
+            snap.status, snap.deleted, snap.deleted_at = "deleted", True, utcnow()
+        self.driver.delete_snapshot(snapshot_id)
+
+
+def _bounded(chunks: Iterable[bytes], limit: int, volume_id: str) -> Iterator[bytes]:
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > limit:
+            raise invalid_input(f"Data written is past the end of volume {volume_id}.")
+        yield chunk
+
