@@ -1,3 +1,5 @@
+import uuid
+
 import pytest
 
 from tests.server import Server
@@ -10,14 +12,19 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+def _project() -> str:
+    return uuid.uuid4().hex
+
+
 @pytest.fixture
 def alice(server):
-    return server.client("alice", "proja")
+    """A member of a fresh project (so quotas and listings start empty)."""
+    return server.client("alice", _project())
 
 
 @pytest.fixture
 def bob(server):
-    return server.client("bob", "projb")
+    return server.client("bob", _project())
 
 
 @pytest.fixture

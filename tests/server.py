@@ -43,9 +43,19 @@ class Server:
         env.setdefault("BLOCKVAULT_JOB_LEASE_SECONDS", "6")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blockvault.cli", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "blockvault.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -68,18 +78,31 @@ class Server:
                 self.proc.wait()
         self.proc = None
 
-    def client(self, user: str = "alice", project: str = "proja", api: str = "v3",
-               version: str | None = None) -> Api:
-        return Api(self.url, user, project, api, version)
+    def client(
+        self,
+        user: str = "alice",
+        project: str = "proja",
+        api: str = "v3",
+        version: str | None = None,
+    ) -> Api:
+        return Api(self.url, user, project, api, version, self.data_dir)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
 class Api:
-    def __init__(self, url: str, user: str, project: str, api: str = "v3",
-                 version: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        user: str,
+        project: str,
+        api: str = "v3",
+        version: str | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
         self.url = url
+        self.data_dir = data_dir
         self.project = project
         self.base = f"{url}/{api}/{project}"
         headers = {"X-Auth-Token": f"{user}:{project}"}
@@ -114,11 +137,24 @@ class Api:
         return r.json()["volume"]["id"]
 
     def write(self, volume_id: str, offset: int, data: bytes) -> None:
-        r = self.put(f"/volumes/{volume_id}/data", params={"offset": offset}, content=data,
-                     headers={"Content-Type": "application/octet-stream"})
+        r = self.put(
+            f"/volumes/{volume_id}/data",
+            params={"offset": offset},
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
         assert r.status_code == 204, r.text
 
     def volume_sha256(self, volume_id: str) -> str:
+        """sha256 of the volume's bytes, read from its file on this machine (fast), checked
+        to be the same length as the volume the API reports."""
+        size = self.get(f"/volumes/{volume_id}").json()["volume"]["size"] * GiB
+        path = self.data_dir / "volumes" / f"{volume_id}.raw"
+        assert path.stat().st_size == size
+        return sha256_of_file(path)
+
+    def volume_sha256_http(self, volume_id: str) -> str:
+        """sha256 of the volume's bytes as ``GET .../data`` streams them."""
         h = hashlib.sha256()
         with self.http.stream("GET", f"{self.base}/volumes/{volume_id}/data") as r:
             assert r.status_code == 200

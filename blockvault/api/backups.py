@@ -6,7 +6,7 @@ from starlette.responses import Response
 
 from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
-from blockvault.api.http import MISSING, Call, Endpoint, accepted, json_response
+from blockvault.api.http import Call, Endpoint, accepted, json_response
 from blockvault.api.views import backup_detail, backup_summary
 from blockvault.db.models import utcnow
 
@@ -109,7 +109,7 @@ def import_record(call: Call) -> Response:
 
 
 def action(call: Call) -> Response:
-    body = None if call.body is MISSING else call.body
+    body = call.body
     schemas.validate(schemas.single_action, body)
     key = next(iter(body))
     backup_id = call.path["backup_id"]

@@ -24,7 +24,6 @@ from blockvault.service.context import RequestContext
 from blockvault.service.errors import ServiceError
 
 log = logging.getLogger("blockvault.api")
-MISSING: Any = object()
 
 
 @dataclass
@@ -39,7 +38,8 @@ class Call:
     query: dict[str, str]
     links: Links
     services: Any
-    body: Any = MISSING
+    #: the parsed JSON body; None when there was none (treated as JSON null)
+    body: Any = None
     raw_query: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -91,12 +91,12 @@ def _parse_json_body(request: Request, raw: bytes) -> Any:
     if ctype is None:
         if raw.strip():
             raise HTTPFault(415, "Unsupported Content-Type")
-        return MISSING
+        return None
     media = ctype.split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise HTTPFault(415, "Unsupported Content-Type")
     if not raw.strip():
-        return MISSING
+        return None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError):

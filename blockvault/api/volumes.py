@@ -11,7 +11,7 @@ from starlette.responses import Response, StreamingResponse
 
 from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
-from blockvault.api.http import MISSING, Call, Endpoint, accepted, json_response
+from blockvault.api.http import Call, Endpoint, accepted, json_response
 from blockvault.api.views import snapshot_detail, volume_detail, volume_summary
 from blockvault.service.errors import Invalid, invalid_input
 
@@ -83,10 +83,6 @@ _snapshot_update = {
 }
 
 
-def _body(call: Call) -> Any:
-    return None if call.body is MISSING else call.body
-
-
 def _size(value: Any) -> int:
     if isinstance(value, bool):
         raise invalid_input(f"Volume size '{value}' must be an integer and greater than 0.")
@@ -106,7 +102,7 @@ def _volume(call: Call, vol) -> dict:  # noqa: ANN001
 
 
 def create_volume(call: Call) -> Response:
-    body = _body(call)
+    body = call.body
     schemas.validate(_volume_create, body)
     v = body["volume"]
     size = v.get("size")
@@ -153,7 +149,7 @@ def show_volume(call: Call) -> Response:
 
 
 def update_volume(call: Call) -> Response:
-    body = _body(call)
+    body = call.body
     schemas.validate(_volume_update, body)
     v = body["volume"]
     changes: dict[str, Any] = {}
@@ -175,7 +171,7 @@ def delete_volume(call: Call) -> Response:
 
 
 def volume_action(call: Call) -> Response:
-    body = _body(call)
+    body = call.body
     schemas.validate(schemas.single_action, body)
     key = next(iter(body))
     volume_id = call.path["volume_id"]
@@ -280,7 +276,7 @@ def _snapshot(call: Call, snap) -> dict:  # noqa: ANN001
 
 
 def create_snapshot(call: Call) -> Response:
-    body = _body(call)
+    body = call.body
     schemas.validate(_snapshot_create, body)
     sn = body["snapshot"]
     snap = call.services.volumes.create_snapshot(
@@ -321,7 +317,7 @@ def show_snapshot(call: Call) -> Response:
 
 
 def update_snapshot(call: Call) -> Response:
-    body = _body(call)
+    body = call.body
     schemas.validate(_snapshot_update, body)
     sn = body["snapshot"]
     changes = {}
@@ -361,7 +357,7 @@ def show_default_quotas(call: Call) -> Response:
 
 
 def update_quotas(call: Call) -> Response:
-    body = _body(call)
+    body = call.body
     schemas.validate(schemas.quota_set, body)
     limits = call.services.set_quotas(call.ctx, call.path["target_project_id"], body["quota_set"])
     return json_response({"quota_set": limits})
