@@ -1,0 +1,148 @@
+"""The one retry layer for every backend.
+
+Backends (and the client libraries under them: swiftclient ``retries=0``, botocore
+``total_max_attempts=1``) do not retry themselves; :class:`RetryingBackend` retries
+:class:`StoreUnavailable` with exponential backoff and full jitter until ``attempts`` calls
+have failed or the time ``budget`` is spent, then raises :class:`StoreUnavailable` saying
+the store was unreachable. :class:`StorePermanentError` and :class:`ObjectNotFound` are never
+retried. Retrying is safe because every operation of the contract is idempotent (puts write
+the same bytes under a content-addressed name; deleting a missing object is not an error).
+
+``list`` is retried while fetching the first page; once names have been handed to the caller
+a failure propagates (restarting would hand out names twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from blockvault.store.base import Backend, Container, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RetryPolicy:
+    def __init__(
+        self,
+        kind: str,
+        attempts: int = 5,
+        base_delay: float = 0.2,
+        max_delay: float = 10.0,
+        budget: float = 60.0,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.kind = kind
+        self.attempts = max(1, int(attempts))
+        self.base_delay = max(0.0, float(base_delay))
+        self.max_delay = max(0.0, float(max_delay))
+        self.budget = max(0.0, float(budget))
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    def run(self, what: str, fn: Callable[[], T]) -> T:
+        start = self._clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except StoreUnavailable as exc:
+                last = exc
+            elapsed = self._clock() - start
+            # full jitter: sleep uniformly in [0, min(max_delay, base * 2**(n-1))]
+            cap = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+            delay = self._rng.uniform(0.0, cap)
+            if attempt >= self.attempts or elapsed + delay > self.budget:
+                raise StoreUnavailable(
+                    f"the {self.kind} object store was unreachable: {what} failed "
+                    f"{attempt} time(s) over {elapsed:.1f}s "
+                    f"(retry limit {self.attempts} attempts / {self.budget:g}s); "
+                    f"last error: {last}"
+                ) from last
+            log.warning(
+                "%s store: %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                self.kind,
+                what,
+                attempt,
+                self.attempts,
+                last,
+                delay,
+            )
+            self._sleep(delay)
+
+
+class RetryingContainer(Container):
+    def __init__(self, inner: Container, policy: RetryPolicy) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._policy = policy
+
+    def put(self, name: str, data: bytes) -> None:
+        self._policy.run(f"PUT {self.name}/{name}", lambda: self.inner.put(name, data))
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._policy.run(
+            f"GET {self.name}/{name}", lambda: self.inner.get(name, offset, length)
+        )
+
+    def head(self, name: str) -> int | None:
+        return self._policy.run(f"HEAD {self.name}/{name}", lambda: self.inner.head(name))
+
+    def delete(self, name: str) -> None:
+        self._policy.run(f"DELETE {self.name}/{name}", lambda: self.inner.delete(name))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        def first() -> tuple[Iterator[str], list[str]]:
+            it = iter(self.inner.list(prefix))
+            head: list[str] = []
+            for name in it:  # pull the first name so the first page is fetched here
+                head.append(name)
+                break
+            return it, head
+
+        it, head = self._policy.run(f"LIST {self.name}/{prefix}*", first)
+        yield from head
+        yield from it
+
+
+class RetryingBackend(Backend):
+    """Wrap ``inner`` and every container it opens with the retry policy."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        attempts: int = 5,
+        base_delay: float = 0.2,
+        max_delay: float = 10.0,
+        budget: float = 60.0,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.policy = RetryPolicy(inner.kind, attempts, base_delay, max_delay, budget, sleep=sleep)
+
+    def __repr__(self) -> str:
+        return f"RetryingBackend({self.inner!r})"
+
+    def open(self, container: str, create: bool = True) -> Container:
+        inner = self.policy.run(
+            f"open container {container}", lambda: self.inner.open(container, create)
+        )
+        return RetryingContainer(inner, self.policy)
+
+    def validate_container_name(self, container: str) -> str | None:
+        return self.inner.validate_container_name(container)
+
+    def close(self) -> None:
+        self.inner.close()

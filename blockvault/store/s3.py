@@ -1,0 +1,342 @@
+"""S3 backend (boto3): AWS S3, Ceph RGW, MinIO, Swift's s3api.
+
+Only calls every one of those answers are used: HeadBucket, CreateBucket, PutObject,
+GetObject (with ``Range``), HeadObject, DeleteObject, ListObjectsV2. No feature probing
+(Swift's s3api answers unsupported sub-resources with a bucket listing).
+
+botocore's own retries are reduced to a single attempt: the one
+:class:`~blockvault.store.retry.RetryingBackend` owns retries and their time budget.
+Credentials not given fall back to the standard AWS chain (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``~/.aws/credentials``, instance roles...).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions as bce
+from botocore.config import Config
+
+from blockvault.store.base import (
+    Backend,
+    Container,
+    ObjectNotFound,
+    StoreError,
+    StorePermanentError,
+    StoreUnavailable,
+)
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchBucket"}
+_AUTH_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "403",
+    "401",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+    "InternalError",
+    "ServiceUnavailable",
+    "ServerBusy",
+    "BadDigest",  # body corrupted in transit: a re-send cures it
+    "XAmzContentSHA256Mismatch",
+}
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    bce.EndpointConnectionError,
+    bce.ConnectionError,  # ConnectionClosedError, ConnectTimeoutError, ProxyConnectionError
+    bce.HTTPClientError,  # ReadTimeoutError, ResponseStreamingError
+    bce.IncompleteReadError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid S3 bucket name (the DNS-compatible rules), or ``None``."""
+    if not 3 <= len(name) <= 63:
+        return f"S3 bucket names must be 3-63 characters long (got {len(name)})"
+    if not _BUCKET_RE.match(name):
+        return (
+            "S3 bucket names may contain only lowercase letters, digits, '.' and '-', "
+            "and must start and end with a letter or digit"
+        )
+    if ".." in name or ".-" in name or "-." in name:
+        return "S3 bucket names must not contain '..', '.-' or '-.'"
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        pass
+    else:
+        return "S3 bucket names must not be formatted as an IP address"
+    return None
+
+
+def _error_code(exc: bce.ClientError) -> tuple[str, int]:
+    err = exc.response.get("Error", {}) or {}
+    meta = exc.response.get("ResponseMetadata", {}) or {}
+    return str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
+
+
+def _map_error(exc: BaseException, what: str) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, bce.ClientError):
+        code, status = _error_code(exc)
+        msg = (exc.response.get("Error", {}) or {}).get("Message") or ""
+        detail = f"{code or status}{': ' + msg if msg else ''}"
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return StoreUnavailable(f"s3: {what}: {detail}")
+        if code in _AUTH_CODES or status in (401, 403):
+            return StorePermanentError(
+                f"s3: {what}: authentication/access denied ({detail}); "
+                "check s3_access_key/s3_secret_key and the bucket's policy"
+            )
+        return StorePermanentError(f"s3: {what}: {detail}")
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return StorePermanentError(
+            f"s3: {what}: no credentials: set s3_access_key/s3_secret_key or the AWS "
+            "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        )
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return StoreUnavailable(f"s3: {what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, bce.ParamValidationError):
+        return StorePermanentError(f"s3: {what}: {exc}")
+    if isinstance(exc, bce.BotoCoreError):
+        return StoreUnavailable(f"s3: {what}: {type(exc).__name__}: {exc}")
+    raise exc
+
+
+class S3Container(Container):
+    #: keys per ListObjectsV2 page (1000 is the S3 maximum)
+    list_page_size = 1000
+
+    def __init__(self, backend: S3Backend, name: str) -> None:
+        self.name = name
+        self._backend = backend
+
+    def _call(self, what: str, fn: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._backend.client, fn)(Bucket=self.name, **kwargs)
+        except Exception as exc:
+            raise _map_error(exc, f"{what} (bucket {self.name})") from exc
+
+    @staticmethod
+    def _missing(exc: StoreError) -> bool:
+        cause = exc.__cause__
+        if isinstance(cause, bce.ClientError):
+            code, status = _error_code(cause)
+            return code in ("NoSuchKey", "NotFound", "404") or status == 404
+        return False
+
+    def put(self, name: str, data: bytes) -> None:
+        data = bytes(data)
+        md5 = hashlib.md5(data, usedforsecurity=False)
+        resp = self._call(
+            f"PUT {name}",
+            "put_object",
+            Key=name,
+            Body=data,
+            ContentMD5=base64.b64encode(md5.digest()).decode("ascii"),
+            ContentType="application/octet-stream",
+        )
+        etag = (resp.get("ETag") or "").strip('"')
+        # an SSE-KMS/SSE-C ETag is not the MD5; those stores verified Content-MD5 already
+        if etag and re.fullmatch(r"[0-9a-f]{32}", etag) and etag != md5.hexdigest():
+            raise StoreUnavailable(
+                f"s3: PUT {name}: ETag {etag} does not match the uploaded data's MD5"
+            )
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must be non-negative")
+        if length == 0:
+            if self.head(name) is None:
+                raise ObjectNotFound(name, self.name)
+            return b""
+        kwargs: dict[str, Any] = {"Key": name}
+        if length is not None:
+            kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
+        elif offset:
+            kwargs["Range"] = f"bytes={offset}-"
+        try:
+            resp = self._call(f"GET {name}", "get_object", **kwargs)
+            body = resp["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+        except StoreError as exc:
+            if self._missing(exc):
+                raise ObjectNotFound(name, self.name) from None
+            cause = exc.__cause__
+            if isinstance(cause, bce.ClientError):
+                code, status = _error_code(cause)
+                if code == "InvalidRange" or status == 416:
+                    return b""  # the object exists but the range starts past its end
+            raise
+        except Exception as exc:
+            raise _map_error(exc, f"GET {name} (bucket {self.name})") from exc
+
+    def head(self, name: str) -> int | None:
+        try:
+            resp = self._call(f"HEAD {name}", "head_object", Key=name)
+        except StoreError as exc:
+            if self._missing(exc):
+                return None
+            raise
+        return int(resp.get("ContentLength", 0))
+
+    def delete(self, name: str) -> None:
+        try:
+            self._call(f"DELETE {name}", "delete_object", Key=name)
+        except StoreError as exc:
+            if not self._missing(exc):
+                raise
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"MaxKeys": self.list_page_size}
+            if prefix:
+                kwargs["Prefix"] = prefix
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("list", "list_objects_v2", **kwargs)
+            for item in resp.get("Contents", []) or []:
+                yield item["Key"]
+            if not resp.get("IsTruncated"):
+                return
+            token = resp.get("NextContinuationToken")
+            if not token:  # a store that truncates without a token: don't loop forever
+                raise StoreUnavailable(
+                    f"s3: list (bucket {self.name}): truncated listing without a continuation token"
+                )
+
+
+class S3Backend(Backend):
+    kind = "s3"
+
+    def __init__(
+        self,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        addressing_style: str = "path",
+        pool_size: int = 8,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        if addressing_style not in ("path", "virtual", "auto"):
+            raise ValueError(
+                f"s3_addressing_style must be 'path' or 'virtual', not {addressing_style!r}"
+            )
+        if bool(access_key) != bool(secret_key):
+            raise StorePermanentError(
+                "s3: set both s3_access_key and s3_secret_key, or neither (to use the AWS "
+                "environment)"
+            )
+        self.endpoint_url = endpoint_url or None
+        self.region = region or "us-east-1"
+        self.addressing_style = addressing_style
+        self._config = Config(
+            region_name=self.region,
+            signature_version="s3v4",
+            s3={"addressing_style": addressing_style},
+            max_pool_connections=max(1, pool_size),
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # only checksum when an operation requires it: s3api, older RGW and MinIO
+            # reject or ignore the newer default CRC trailers
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key or None,
+            aws_secret_access_key=secret_key or None,
+            region_name=self.region,
+        )
+        # a boto3 client is thread-safe (sessions are not): build it once, here
+        self.client = session.client("s3", endpoint_url=self.endpoint_url, config=self._config)
+        self._created: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never show the keys
+        return f"S3Backend(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+    def validate_container_name(self, container: str) -> str | None:
+        return bucket_name_problem(container)
+
+    def open(self, container: str, create: bool = True) -> Container:
+        reason = self.validate_container_name(container)
+        if reason:
+            raise StorePermanentError(f"invalid bucket name {container!r}: {reason}")
+        with self._lock:
+            known = container in self._created
+        if not known:
+            self._ensure_bucket(container, create)
+            with self._lock:
+                self._created.add(container)
+        return S3Container(self, container)
+
+    def _ensure_bucket(self, bucket: str, create: bool) -> None:
+        what = f"open bucket {bucket}"
+        try:
+            self.client.head_bucket(Bucket=bucket)
+            return
+        except bce.ClientError as exc:
+            code, status = _error_code(exc)
+            if not (status == 404 or code in ("NoSuchBucket", "NotFound", "404")):
+                raise _map_error(exc, what) from exc
+        except Exception as exc:
+            raise _map_error(exc, what) from exc
+        if not create:
+            raise StorePermanentError(f"s3: bucket {bucket} does not exist")
+        kwargs: dict[str, Any] = {"Bucket": bucket}
+        if self.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self.client.create_bucket(**kwargs)
+        except bce.ClientError as exc:
+            code, _status = _error_code(exc)
+            if code == "BucketAlreadyOwnedByYou":
+                return  # created concurrently by us
+            if code == "BucketAlreadyExists":
+                raise StorePermanentError(
+                    f"s3: bucket {bucket} already exists and belongs to another account"
+                ) from exc
+            raise _map_error(exc, f"create bucket {bucket}") from exc
+        except Exception as exc:
+            raise _map_error(exc, f"create bucket {bucket}") from exc
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,458 @@
+"""The object store contract, run against every backend: local, Swift and S3.
+
+Swift and S3 run against a real Swift all-in-one (Swift API + s3api) started by the
+``swift_server`` session fixture (tests/swift_fixture.py, tools/swift/start-swift.sh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from blockvault.store.base import (
+    Backend,
+    Container,
+    ObjectNotFound,
+    StorePermanentError,
+    StoreUnavailable,
+)
+from blockvault.store.factory import backup_service_name, make_backend
+from blockvault.store.retry import RetryingBackend
+from blockvault.store.s3 import S3Backend, bucket_name_problem
+from blockvault.store.swift import SwiftBackend
+from tests.swift_fixture import swift_server  # noqa: F401  (fixture)
+
+KINDS = ["local", "swift", "s3"]
+
+
+def settings_for(kind: str, saio, tmp_path: Path, **over) -> SimpleNamespace:
+    s = SimpleNamespace(
+        store=kind,
+        data_dir=tmp_path,
+        store_retry_attempts=3,
+        store_retry_budget=10.0,
+        store_pool_size=8,
+    )
+    if kind == "swift":
+        s.swift_auth_url = saio.auth_url
+        s.swift_user = saio.user
+        s.swift_key = saio.key
+        s.swift_auth_version = "1"
+    elif kind == "s3":
+        s.s3_endpoint_url = saio.s3_endpoint
+        s.s3_region = saio.region
+        s.s3_access_key = saio.user
+        s.s3_secret_key = saio.key
+        s.s3_addressing_style = "path"
+    for k, v in over.items():
+        setattr(s, k, v)
+    return s
+
+
+def new_container_name() -> str:
+    return f"bv-test-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def saio(kind, request):
+    """The Swift all-in-one (``swift_server``) for swift/s3; ``None`` for local, so the local
+    tests run without Swift."""
+    if kind == "local":
+        return None
+    return request.getfixturevalue("swift_server")
+
+
+@pytest.fixture
+def backend(kind, saio, tmp_path) -> Backend:
+    b = make_backend(settings_for(kind, saio, tmp_path))
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def container(backend) -> Container:
+    return backend.open(new_container_name())
+
+
+# ------------------------------------------------------------------ contract ---
+
+
+def test_put_get_head_delete(container: Container):
+    data = b"0123456789" * 100 + b"tail"
+    container.put("snap/1/chunk-a", data)
+    assert container.get("snap/1/chunk-a") == data
+    assert container.head("snap/1/chunk-a") == len(data)
+    container.delete("snap/1/chunk-a")
+    assert container.head("snap/1/chunk-a") is None
+    with pytest.raises(ObjectNotFound):
+        container.get("snap/1/chunk-a")
+    container.delete("snap/1/chunk-a")  # deleting a missing object is not an error
+
+
+def test_range_get(container: Container):
+    data = bytes(range(256)) * 4
+    container.put("obj", data)
+    assert container.get("obj", 0, 10) == data[:10]
+    assert container.get("obj", 100, 50) == data[100:150]
+    assert container.get("obj", 1000) == data[1000:]
+    assert container.get("obj", 1000, 100) == data[1000:]  # overlaps the end
+    assert container.get("obj", 5000, 10) == b""  # entirely past the end
+    assert container.get("obj", 5000) == b""
+    assert container.get("obj", 3, 0) == b""
+
+
+def test_missing_object(container: Container):
+    assert container.head("nope") is None
+    with pytest.raises(ObjectNotFound) as ei:
+        container.get("nope")
+    assert ei.value.name == "nope"
+    with pytest.raises(ObjectNotFound):
+        container.get("nope", 10, 10)
+    with pytest.raises(ObjectNotFound):
+        container.get("nope", 0, 0)
+
+
+def test_overwrite(container: Container):
+    container.put("k", b"first version")
+    container.put("k", b"second")
+    assert container.get("k") == b"second"
+    assert container.head("k") == 6
+
+
+def test_empty_object(container: Container):
+    container.put("empty", b"")
+    assert container.head("empty") == 0
+    assert container.get("empty") == b""
+
+
+def test_list_prefix(container: Container):
+    for n in ["a/1", "a/2", "a/sub/3", "b/1", "ab"]:
+        container.put(n, n.encode())
+    assert sorted(container.list("a/")) == ["a/1", "a/2", "a/sub/3"]
+    assert sorted(container.list("a")) == ["a/1", "a/2", "a/sub/3", "ab"]
+    assert sorted(container.list()) == ["a/1", "a/2", "a/sub/3", "ab", "b/1"]
+    assert list(container.list("zzz")) == []
+
+
+def test_reopen_existing_container(backend: Backend):
+    name = new_container_name()
+    backend.open(name).put("x", b"1")
+    assert backend.open(name, create=False).get("x") == b"1"
+    with pytest.raises(StorePermanentError):
+        backend.open(new_container_name(), create=False)
+
+
+def test_concurrent_puts(container: Container):
+    blobs = {f"c/{i:03d}": hashlib.sha256(str(i).encode()).digest() * (i + 1) for i in range(64)}
+
+    def put(item):
+        container.put(*item)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, blobs.items()))
+
+    def check(name):
+        return container.get(name) == blobs[name]
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(check, blobs))
+    assert sorted(container.list("c/")) == sorted(blobs)
+
+
+def test_list_paginates(kind, backend: Backend):
+    """Listing returns every object across pages. S3 runs with >1000 objects (it pages at
+    the protocol's maximum of 1000 keys); Swift and local page at 100 over 250 objects to
+    keep the test quick (the SAIO stores ~50 objects/s)."""
+    c = backend.open(new_container_name())
+    count = 1050 if kind == "s3" else 250
+    c.inner.list_page_size = 100 if kind != "s3" else c.inner.list_page_size
+    names = [f"p/{i:05d}" for i in range(count)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: c.put(n, b"x"), names))
+    c.put("q/other", b"y")
+    listed = list(c.list("p/"))
+    assert len(listed) == len(names)
+    assert sorted(listed) == names
+
+
+# ------------------------------------------------------------ configuration ---
+
+
+def test_backup_service_name():
+    assert backup_service_name("local") == "cinder.backup.drivers.posix"
+    assert backup_service_name("swift") == "cinder.backup.drivers.swift"
+    assert backup_service_name("s3") == "cinder.backup.drivers.s3"
+    for k in KINDS:
+        assert backup_service_name(k).startswith("cinder.backup.drivers")
+
+
+def test_unknown_store_kind(tmp_path):
+    with pytest.raises(ValueError, match="unknown store 'ftp'"):
+        make_backend(SimpleNamespace(store="ftp", data_dir=tmp_path))
+
+
+def test_factory_local_root_and_wrapper(tmp_path):
+    b = make_backend(SimpleNamespace(store="local", data_dir=tmp_path))
+    assert isinstance(b, RetryingBackend) and b.kind == "local"
+    b.open("cont").put("o", b"1")
+    assert (tmp_path / "store" / "cont" / "o").read_bytes() == b"1"
+
+
+def test_factory_swift_needs_credentials(tmp_path):
+    with pytest.raises(ValueError, match="swift_auth_url"):
+        make_backend(SimpleNamespace(store="swift", data_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name,ok",
+    [
+        ("abc", True),
+        ("my.bucket-01", True),
+        ("ab", False),
+        ("a" * 64, False),
+        ("Upper", False),
+        ("under_score", False),
+        ("-start", False),
+        ("end-", False),
+        ("a..b", False),
+        ("192.168.1.10", False),
+    ],
+)
+def test_s3_bucket_name_rules(name, ok):
+    assert (bucket_name_problem(name) is None) == ok
+    b = S3Backend(endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b")
+    reason = b.validate_container_name(name)
+    assert (reason is None) == ok
+    if not ok:
+        assert "bucket" in reason
+        wrapped = RetryingBackend(b)
+        assert wrapped.validate_container_name(name) == reason  # delegated
+        with pytest.raises(StorePermanentError, match="invalid bucket name"):
+            wrapped.open(name)  # rejected before contacting the store
+
+
+def test_swift_container_name_rules():
+    b = SwiftBackend("http://127.0.0.1:9/auth/v1.0", "u", "k")
+    assert b.validate_container_name("Any_Name.OK") is None
+    assert "'/'" in b.validate_container_name("a/b")
+    assert b.validate_container_name("x" * 300)
+
+
+# ------------------------------------------------------------ access errors ---
+
+
+@pytest.mark.parametrize("kind", ["swift", "s3"])
+def test_bad_credentials(kind, saio, tmp_path):
+    over = {"swift_key": "wrong"} if kind == "swift" else {"s3_secret_key": "wrong"}
+    b = make_backend(settings_for(kind, saio, tmp_path, **over))
+    t0 = time.monotonic()
+    with pytest.raises(StorePermanentError, match="authentication/access denied") as ei:
+        b.open(new_container_name())
+    assert time.monotonic() - t0 < 5, "permanent errors must not be retried"
+    assert "wrong" not in str(ei.value)
+
+
+@pytest.mark.parametrize("kind", ["swift", "s3"])
+def test_accounts_are_isolated(kind, saio, tmp_path):
+    owner = make_backend(settings_for(kind, saio, tmp_path))
+    name = new_container_name()
+    owner.open(name).put("secret", b"only for AUTH_test")
+    if kind == "swift":
+        other = settings_for(kind, saio, tmp_path, swift_user=saio.user2, swift_key=saio.key2)
+    else:
+        other = settings_for(
+            kind, saio, tmp_path, s3_access_key=saio.user2, s3_secret_key=saio.key2
+        )
+    intruder = make_backend(other)
+    with pytest.raises((StorePermanentError, ObjectNotFound)):
+        intruder.open(name, create=False).get("secret")
+    try:
+        c = intruder.open(name)
+    except StorePermanentError:
+        pass
+    else:
+        try:
+            names = list(c.list())
+        except StorePermanentError:
+            names = []
+        assert "secret" not in names
+        with pytest.raises((StorePermanentError, ObjectNotFound)):
+            c.get("secret")
+
+
+@pytest.mark.parametrize("kind", ["swift"])
+def test_swift_non_admin_user_denied(kind, saio, tmp_path):
+    """test:tester3 is in AUTH_test but not an admin: no access without an ACL."""
+    owner = make_backend(settings_for(kind, saio, tmp_path))
+    name = new_container_name()
+    owner.open(name).put("o", b"1")
+    b = make_backend(settings_for(kind, saio, tmp_path, swift_user=saio.user3, swift_key=saio.key3))
+    with pytest.raises(StorePermanentError, match="access denied"):
+        b.open(name)
+
+
+# ------------------------------------------------------------------ outages ---
+
+
+def _outage_backend(kind, saio, tmp_path, **retry) -> RetryingBackend:
+    inner = make_backend(settings_for(kind, saio, tmp_path)).inner
+    return RetryingBackend(inner, **retry)
+
+
+@pytest.mark.parametrize("kind", ["swift", "s3"])
+def test_proxy_down_is_unavailable_after_retries(kind, saio, tmp_path):
+    b = _outage_backend(
+        kind, saio, tmp_path, attempts=4, base_delay=0.05, max_delay=0.2, budget=3.0
+    )
+    c = b.open(new_container_name())
+    c.put("before", b"1")
+    saio.stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="unreachable") as ei:
+            c.put("during", b"2")
+        assert time.monotonic() - t0 < 10
+        msg = str(ei.value)
+        assert kind in msg and "4 time(s)" in msg
+        assert saio.key not in msg  # never the credentials
+        with pytest.raises(StoreUnavailable):
+            c.get("before")
+        with pytest.raises(StoreUnavailable):
+            b.open(new_container_name())
+    finally:
+        saio.start()
+    assert c.get("before") == b"1"
+
+
+@pytest.mark.parametrize("kind", ["swift", "s3"])
+def test_proxy_restarted_within_budget(kind, saio, tmp_path):
+    b = _outage_backend(
+        kind, saio, tmp_path, attempts=200, base_delay=0.05, max_delay=0.5, budget=60.0
+    )
+    c = b.open(new_container_name())
+    c.put("before", b"1")
+    saio.stop()
+    errors: list[BaseException] = []
+
+    def restart():
+        time.sleep(1.0)
+        try:
+            saio.start()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=restart)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        c.put("during", b"survived the outage")
+        assert time.monotonic() - t0 >= 0.9  # it really waited for the proxy
+    finally:
+        t.join()
+        if errors:
+            saio.start()
+    assert not errors
+    assert c.get("during") == b"survived the outage"
+
+
+# --------------------------------------------------------------- retry layer ---
+
+
+class _Flaky(Backend):
+    """A backend whose containers fail ``failures`` times with ``exc`` before working."""
+
+    kind = "flaky"
+
+    def __init__(self, failures: int, exc: Exception) -> None:
+        self.failures = failures
+        self.exc = exc
+        self.calls = 0
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+
+    def open(self, container: str, create: bool = True) -> Container:
+        backend = self
+
+        class C(Container):
+            name = container
+
+            def put(self, name, data):
+                backend._maybe_fail()
+
+            def get(self, name, offset=0, length=None):
+                backend._maybe_fail()
+                return b"data"
+
+            def head(self, name):
+                backend._maybe_fail()
+                return 4
+
+            def delete(self, name):
+                backend._maybe_fail()
+
+            def list(self, prefix=""):
+                backend._maybe_fail()
+                yield from ["a", "b"]
+
+        return C()
+
+    def validate_container_name(self, container):
+        return "never" if container == "bad" else None
+
+
+def test_retry_recovers_from_transient_errors():
+    sleeps: list[float] = []
+    inner = _Flaky(3, StoreUnavailable("503 Service Unavailable"))
+    b = RetryingBackend(inner, attempts=5, base_delay=0.1, max_delay=1.0, sleep=sleeps.append)
+    c = b.open("c")
+    assert c.get("x") == b"data"
+    assert inner.calls == 4 and len(sleeps) == 3
+    assert all(0 <= d <= min(1.0, 0.1 * 2**i) for i, d in enumerate(sleeps))  # full jitter
+    inner.calls, inner.failures = 0, 2
+    assert list(c.list()) == ["a", "b"]  # the first page is retried too
+    assert b.kind == "flaky" and b.validate_container_name("bad") == "never"
+
+
+def test_retry_gives_up_after_attempts():
+    inner = _Flaky(100, StoreUnavailable("connection refused"))
+    b = RetryingBackend(inner, attempts=4, sleep=lambda d: None)
+    with pytest.raises(StoreUnavailable, match="flaky object store was unreachable") as ei:
+        b.open("c").put("x", b"1")
+    assert "connection refused" in str(ei.value) and "4 time(s)" in str(ei.value)
+    assert inner.calls == 4
+
+
+def test_retry_respects_time_budget():
+    inner = _Flaky(1000, StoreUnavailable("timeout"))
+    b = RetryingBackend(inner, attempts=1000, base_delay=0.05, max_delay=0.05, budget=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        b.open("c").head("x")
+    assert time.monotonic() - t0 < 1.0
+    assert inner.calls < 1000
+
+
+@pytest.mark.parametrize(
+    "exc", [StorePermanentError("403 Forbidden"), ObjectNotFound("x", "c")], ids=repr
+)
+def test_retry_does_not_retry_permanent_errors(exc):
+    inner = _Flaky(1, exc)
+    b = RetryingBackend(inner, sleep=lambda d: pytest.fail("must not sleep"))
+    with pytest.raises(type(exc)):
+        b.open("c").get("x")
+    assert inner.calls == 1
