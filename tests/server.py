@@ -34,6 +34,10 @@ class Server:
         self.log_path = self.data_dir / "server.log"
 
     @property
+    def default_container(self) -> str:
+        return self.env.get("BLOCKVAULT_DEFAULT_CONTAINER", "volumebackups")
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

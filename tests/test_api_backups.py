@@ -33,7 +33,7 @@ def fill(api, vol: str, seed: int = 1) -> bytes:
 # -- create / show / list -------------------------------------------------------------------
 
 
-def test_create_show_full_backup_and_restore_to_new_volume(alice):
+def test_create_show_full_backup_and_restore_to_new_volume(server, alice):
     vol = alice.create_volume(1, name="src", metadata={"a": "1", "b": "2"})
     fill(alice, vol)
     src_hash = alice.volume_sha256(vol)
@@ -70,7 +70,7 @@ def test_create_show_full_backup_and_restore_to_new_volume(alice):
         "data_timestamp",
     }
     assert set(b) == expected
-    assert b["container"] == "volumebackups" and b["availability_zone"] == "nova"
+    assert b["container"] == server.default_container and b["availability_zone"] == "nova"
     assert b["size"] == 1 and b["object_count"] >= 1 and b["is_incremental"] is False
     assert b["data_timestamp"] == b["created_at"]
     assert alice.get(f"/volumes/{vol}").json()["volume"]["status"] == "available"

@@ -8,7 +8,17 @@ import os
 import httpx
 import pytest
 
+from tests.server import Server
+
 MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Volumes and versions do not depend on the object store: local only."""
+    srv = Server(tmp_path_factory.mktemp("bv")).start()
+    yield srv
+    srv.stop()
 
 
 def test_versions_documents(server):

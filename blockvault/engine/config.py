@@ -1,0 +1,58 @@
+"""Engine configuration and result types (the engine's public data shapes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: (bytes_done, bytes_total, phase)
+Progress = Callable[[int, int, str], None]
+
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 32768  # change-detection and dedup grain (power of two, 4 KiB..4 MiB)
+    pack_size: int = 16 * 1024 * 1024  # target pack object size
+    compression: str = "zstd"  # "zstd" or "none"
+    zstd_level: int = 3
+    workers: int = 0  # hashing/compression threads; 0 = os.cpu_count()
+    upload_concurrency: int = 4  # concurrent puts/gets
+    # 32 bytes -> encryption on for NEW containers; required to read encrypted ones
+    encryption_key: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        if bs & (bs - 1) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be a power of two between 4 KiB and 4 MiB, not {bs}")
+        if not 1 <= self.pack_size <= 1024 * 1024 * 1024:
+            raise ValueError("pack_size must be between 1 byte and 1 GiB")
+        if self.compression not in ("zstd", "none"):
+            raise ValueError(f"compression must be 'zstd' or 'none', not {self.compression!r}")
+        if self.workers < 0 or self.upload_concurrency < 1:
+            raise ValueError("workers must be >= 0 and upload_concurrency >= 1")
+        if self.encryption_key is not None and len(self.encryption_key) != 32:
+            raise ValueError("encryption_key must be exactly 32 bytes")
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    object_count: int  # pack objects this backup uploaded
+    stored_bytes: int  # bytes this backup uploaded (packs + manifest + record)
+    logical_bytes: int  # size of the source read
+    new_blocks: int
+    reused_blocks: int
+    zero_blocks: int  # holes + all-zero blocks
+
+
+@dataclass
+class VerifyReport:
+    checked_blocks: int = 0
+    missing: list[str] = field(default_factory=list)  # names of missing objects
+    corrupt: list[str] = field(default_factory=list)  # names of objects holding corrupt data
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt

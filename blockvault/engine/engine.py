@@ -1,0 +1,852 @@
+"""The Engine: backup, restore, delete (with garbage collection), verify, records."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import stat
+import struct
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import blake3
+import zstandard
+
+from blockvault.engine import locks
+from blockvault.engine.config import BackupResult, EngineConfig, Progress, VerifyReport
+from blockvault.engine.crypto import Crypto, SealError
+from blockvault.engine.errors import Cancelled, DataError, EngineError
+from blockvault.engine.format import (
+    CODEC_NONE,
+    CODEC_ZSTD,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MANIFEST_ENTRY,
+    ContainerConfig,
+    ManifestBuilder,
+    ManifestReader,
+    build_trailer,
+    make_config,
+    manifest_object,
+    pack_object,
+    parse_config,
+    record_object,
+)
+from blockvault.engine.index import Index
+from blockvault.engine.source import READ_CHUNK, chunks, read_padded, volume_length
+from blockvault.store import Backend, Container, ObjectNotFound, StoreError
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# Pending manifest entry: the manifest entry plus the local sequence number of a pack
+# this backup is still building (-1 when the pack name is already known).
+_PENDING = struct.Struct("<Q32s32sIIBi")
+_RECORD_MAGIC = b"BVRE"
+_RESTORE_RUN_MAX = 4 * 1024 * 1024  # largest coalesced range GET (and decoded run) on restore
+_RESTORE_GAP_MAX = 256 * 1024  # read through gaps this small instead of splitting a GET
+_PROGRESS_EVERY = 0.5  # seconds between progress callbacks
+_IOV_MAX = 512
+
+
+class _MissingObject(DataError):
+    """A DataError for an object that does not exist (verify reports these apart)."""
+
+
+def _check_id(backup_id: str) -> None:
+    if not _ID_RE.match(backup_id):
+        raise ValueError(f"invalid backup id {backup_id!r}")
+
+
+class _ThreadCodecs(threading.local):
+    """One zstd compressor/decompressor per thread (they are not thread-safe)."""
+
+    def __init__(self) -> None:
+        self.cctx: dict[int, zstandard.ZstdCompressor] = {}
+        self.dctx = zstandard.ZstdDecompressor()
+
+    def compressor(self, level: int) -> zstandard.ZstdCompressor:
+        c = self.cctx.get(level)
+        if c is None:
+            c = self.cctx[level] = zstandard.ZstdCompressor(level=level)
+        return c
+
+
+_codecs = _ThreadCodecs()
+
+
+class _Throttle:
+    def __init__(self, progress: Progress | None, total: int, phase: str) -> None:
+        self.progress, self.total, self.phase = progress, total, phase
+        self.last = 0.0
+
+    def __call__(self, done: int, force: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= _PROGRESS_EVERY:
+            self.last = now
+            self.progress(min(done, self.total), self.total, self.phase)
+
+
+# -- hole punching ------------------------------------------------------------------------
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (OSError, AttributeError):
+    _fallocate = None
+
+_ZEROS = bytes(1024 * 1024)
+
+
+def _zero_range(fd: int, offset: int, length: int) -> None:
+    if length <= 0:
+        return
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _fallocate is not None and _fallocate(fd, mode, offset, length) == 0:
+        return
+    end = offset + length
+    while offset < end:
+        n = min(len(_ZEROS), end - offset)
+        os.pwrite(fd, _ZEROS[:n] if n < len(_ZEROS) else _ZEROS, offset)
+        offset += n
+
+
+# -- reading runs of blobs (restore and verify) --------------------------------------------
+class _Run:
+    """Consecutive blobs of one pack fetched with one range GET."""
+
+    __slots__ = ("end", "entries", "pack", "start")
+
+    def __init__(self, pack: str, start: int) -> None:
+        self.pack = pack
+        self.start = start
+        self.end = start
+        self.entries: list[tuple[int, bytes, int, int, int]] = []  # idx, id, off, len, codec
+
+
+def _runs(entries: Iterator[tuple], block_size: int,
+          on_entry: Callable[[int], None] | None = None) -> Iterator[_Run]:
+    # Bound both the bytes fetched and the bytes decoded per run (compressed blobs expand).
+    max_entries = max(1, _RESTORE_RUN_MAX // block_size)
+    run: _Run | None = None
+    for idx, bid, pack, off, length, codec in entries:
+        if on_entry is not None:
+            on_entry(idx)
+        if (run is None or pack != run.pack or off < run.end
+                or off - run.end > _RESTORE_GAP_MAX
+                or off + length - run.start > _RESTORE_RUN_MAX
+                or len(run.entries) >= max_entries):
+            if run is not None:
+                yield run
+            run = _Run(pack, off)
+        run.entries.append((idx, bid, off, length, codec))
+        run.end = off + length
+    if run is not None:
+        yield run
+
+
+def _raw_entries(m: ManifestReader) -> Iterator[tuple]:
+    for raw in m.raw_segments():
+        yield from MANIFEST_ENTRY.iter_unpack(raw)
+
+
+def _decode_run(c: Container, crypto: Crypto, run: _Run, block_size: int,
+                on_bad: Callable[[DataError], None] | None = None) -> list[tuple[int, bytes]]:
+    """Fetch a run and return [(index, verified raw block)]. Raises DataError (or reports it
+    to ``on_bad`` and skips the block)."""
+    obj = pack_object(run.pack.hex())
+    try:
+        data = c.get(obj, run.start, run.end - run.start)
+    except ObjectNotFound:
+        raise _MissingObject(f"pack {obj} is missing", obj) from None
+    out = []
+    dctx = _codecs.dctx
+    for idx, bid, off, length, codec in run.entries:
+        try:
+            a = off - run.start
+            blob = data[a : a + length]
+            if len(blob) != length:
+                raise DataError(f"pack {obj} is truncated (block at offset "
+                                f"{idx * block_size} lies past its end)", obj)
+            try:
+                plain = crypto.open_blob(blob, bid)
+                if codec == CODEC_ZSTD:
+                    raw = dctx.decompress(plain, max_output_size=block_size)
+                elif codec == CODEC_NONE:
+                    raw = plain
+                else:
+                    raise ValueError(f"unknown codec {codec}")
+            except (SealError, zstandard.ZstdError, ValueError):
+                raw = b""
+            if len(raw) != block_size or crypto.block_id(raw) != bid:
+                raise DataError(f"block at offset {idx * block_size} in pack {obj} "
+                                "failed its hash check", obj)
+        except DataError as e:
+            if on_bad is None:
+                raise
+            on_bad(e)
+            continue
+        out.append((idx, raw))
+    return out
+
+
+_DEFAULT_CONFIG = EngineConfig()
+
+
+class Engine:
+    def __init__(self, backend: Backend, cache_dir: Path,
+                 config: EngineConfig = _DEFAULT_CONFIG) -> None:
+        self.backend = backend
+        self.cache_dir = Path(cache_dir)
+        self.config = config
+        self.workers = config.workers or os.cpu_count() or 1
+        self._config_mu = threading.Lock()
+
+    # -- container plumbing -------------------------------------------------------------
+    def _cache_path(self, container: str) -> Path:
+        key = hashlib.sha256(f"{self.backend.kind}\0{container}".encode()).hexdigest()[:32]
+        return self.cache_dir / key / "index.sqlite"
+
+    def _config(self, c: Container, container: str, create: bool) -> ContainerConfig | None:
+        try:
+            data = c.get(CONFIG_NAME)
+        except ObjectNotFound:
+            if not create:
+                return None
+            with self._config_mu:
+                if c.head(CONFIG_NAME) is None:
+                    cfg = self.config
+                    doc = make_config(cfg.block_size, cfg.compression, cfg.encryption_key)
+                    c.put(CONFIG_NAME, json.dumps(doc, indent=2).encode())
+                data = c.get(CONFIG_NAME)
+        return parse_config(container, data, self.config.encryption_key)
+
+    def _require_config(self, c: Container, container: str) -> ContainerConfig:
+        cfg = self._config(c, container, create=False)
+        if cfg is None:
+            raise DataError(f"container {container} has no config object", CONFIG_NAME)
+        return cfg
+
+    # -- records ------------------------------------------------------------------------
+    def _encode_record(self, cfg: ContainerConfig, backup_id: str, record: dict) -> bytes:
+        body = json.dumps(record, sort_keys=True).encode()
+        if not cfg.crypto.encrypted:
+            return body
+        return (_RECORD_MAGIC + FORMAT_VERSION.to_bytes(2, "little")
+                + cfg.crypto.seal(body, b"bv1-record\0" + backup_id.encode()))
+
+    def write_record(self, *, container: str, backup_id: str, record: dict) -> None:
+        _check_id(backup_id)
+        c = self.backend.open(container)
+        cfg = self._config(c, container, create=True)
+        assert cfg is not None
+        c.put(record_object(backup_id), self._encode_record(cfg, backup_id, record))
+
+    def read_record(self, *, container: str, backup_id: str) -> dict:
+        _check_id(backup_id)
+        c = self.backend.open(container, create=False)
+        name = record_object(backup_id)
+        try:
+            data = c.get(name)
+        except ObjectNotFound:
+            raise DataError(f"record {name} is missing", name) from None
+        cfg = self._require_config(c, container)
+        if cfg.crypto.encrypted:
+            if data[:4] != _RECORD_MAGIC:
+                raise DataError(f"record {name} is not encrypted in an encrypted container",
+                                name)
+            try:
+                data = cfg.crypto.open(data[6:], b"bv1-record\0" + backup_id.encode())
+            except SealError:
+                raise DataError(f"record {name} is corrupt", name) from None
+        try:
+            rec = json.loads(data)
+        except ValueError:
+            raise DataError(f"record {name} is corrupt", name) from None
+        if not isinstance(rec, dict):
+            raise DataError(f"record {name} is corrupt", name)
+        return rec
+
+    def has_backup(self, *, container: str, backup_id: str) -> bool:
+        _check_id(backup_id)
+        c = self.backend.open(container, create=False)
+        return c.head(manifest_object(backup_id)) is not None
+
+    def clone_backup(self, *, container: str, source_id: str, target_id: str) -> None:
+        """Give backup ``target_id`` a manifest of its own with ``source_id``'s content.
+
+        Used when a backup record is imported under a new id: each backup then owns its
+        manifest, and the packs both reference live until neither references them. The
+        manifest is re-sealed (its id is bound into every segment), streamed segment by
+        segment. Packs stay referenced by the source manifest throughout, so a concurrent
+        garbage collection cannot free them under the copy.
+        """
+        _check_id(source_id)
+        _check_id(target_id)
+        c = self.backend.open(container, create=False)
+        cfg = self._require_config(c, container)
+        reader = ManifestReader(c, source_id, cfg.crypto, container)
+        builder = ManifestBuilder(target_id, cfg.crypto)
+        for raw in reader.raw_segments():
+            for i in range(0, len(raw), MANIFEST_ENTRY.size):
+                builder.add_packed(raw[i : i + MANIFEST_ENTRY.size])
+        header = {k: v for k, v in reader.header.items()
+                  if k not in ("backup_id", "entries", "segments", "version")}
+        header["cloned_from"] = source_id
+        c.put(manifest_object(target_id), builder.finish(header))
+
+    # -- backup -------------------------------------------------------------------------
+    def backup(self, *, container: str, backup_id: str, source: Path, size: int,
+               parent_id: str | None = None, record: dict | None = None,
+               progress: Progress | None = None,
+               cancelled: Callable[[], bool] | None = None) -> BackupResult:
+        _check_id(backup_id)
+        if parent_id is not None:
+            _check_id(parent_id)
+        if size < 0:
+            raise ValueError("size must not be negative")
+        c = self.backend.open(container)
+        lock = locks.acquire_backup_lock(c, backup_id, cancelled)
+        try:
+            cfg = self._config(c, container, create=True)
+            assert cfg is not None
+            index = Index(self._cache_path(container))
+            writer = Index(self._cache_path(container))
+            try:
+                if progress is not None:
+                    progress(0, size, "index")
+                index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled)
+                run = _BackupRun(self, c, container, cfg, index, writer, lock, cancelled)
+                result = run.run(backup_id, Path(source), size, parent_id, progress)
+                if record is not None:
+                    rec = self._encode_record(cfg, backup_id, record)
+                    c.put(record_object(backup_id), rec)
+                    result = BackupResult(
+                        object_count=result.object_count,
+                        stored_bytes=result.stored_bytes + len(rec),
+                        logical_bytes=result.logical_bytes, new_blocks=result.new_blocks,
+                        reused_blocks=result.reused_blocks, zero_blocks=result.zero_blocks)
+                return result
+            finally:
+                index.close()
+                writer.close()
+        finally:
+            try:
+                lock.release()
+            except StoreError as e:  # the lock goes stale on its own; don't mask the result
+                log.warning("could not remove backup lock %s: %s", lock.name, e)
+
+    # -- restore ------------------------------------------------------------------------
+    def restore(self, *, container: str, backup_id: str, target: Path, target_is_new: bool,
+                progress: Progress | None = None,
+                cancelled: Callable[[], bool] | None = None) -> None:
+        _check_id(backup_id)
+        c = self.backend.open(container, create=False)
+        name = manifest_object(backup_id)
+        if c.head(name) is None:
+            raise DataError(f"manifest {name} is missing", name)
+        cfg = self._require_config(c, container)
+        m = ManifestReader(c, backup_id, cfg.crypto, container)
+        size, bs = m.size, m.block_size
+        nblocks = -(-size // bs)
+        crypto = cfg.crypto
+        report = _Throttle(progress, size, "restore")
+        fd = os.open(target, os.O_WRONLY)
+        pool = ThreadPoolExecutor(max_workers=self.config.upload_concurrency + self.workers,
+                                  thread_name_prefix="bv-restore")
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size < size:
+                os.ftruncate(fd, size)
+
+            def fetch_and_write(run: _Run) -> None:
+                blocks = _decode_run(c, crypto, run, bs)
+                # write runs of consecutive blocks with one pwritev
+                i = 0
+                while i < len(blocks):
+                    j = i + 1
+                    while (j < len(blocks) and j - i < _IOV_MAX
+                           and blocks[j][0] == blocks[j - 1][0] + 1):
+                        j += 1
+                    first = blocks[i][0]
+                    bufs = [b for _, b in blocks[i:j]]
+                    if blocks[j - 1][0] == nblocks - 1 and size % bs:
+                        bufs[-1] = bufs[-1][: size % bs]
+                    os.pwritev(fd, bufs, first * bs)
+                    i = j
+
+            next_idx = 0
+
+            def on_entry(idx: int) -> None:
+                nonlocal next_idx
+                if idx < next_idx or idx >= nblocks:
+                    raise DataError(f"manifest {name} is corrupt (block order)", name)
+                if not target_is_new and idx > next_idx:
+                    _zero_range(fd, next_idx * bs, min(idx * bs, size) - next_idx * bs)
+                next_idx = idx + 1
+
+            pending: deque[Future] = deque()
+            limit = self.config.upload_concurrency + self.workers
+            for run in _runs(_raw_entries(m), bs, on_entry):
+                if cancelled is not None and cancelled():
+                    raise Cancelled(f"restore of backup {backup_id} cancelled")
+                pending.append(pool.submit(fetch_and_write, run))
+                while len(pending) > limit or (pending and pending[0].done()):
+                    pending.popleft().result()
+                report(run.entries[0][0] * bs)
+            while pending:
+                pending.popleft().result()
+            if not target_is_new and next_idx < nblocks:
+                _zero_range(fd, next_idx * bs, size - next_idx * bs)
+            os.fsync(fd)
+            report(size, force=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            os.close(fd)
+
+    # -- verify -------------------------------------------------------------------------
+    def verify(self, *, container: str, backup_id: str | None = None) -> VerifyReport:
+        c = self.backend.open(container, create=False)
+        rep = VerifyReport()
+        missing: set[str] = set()
+        corrupt: set[str] = set()
+        if backup_id is not None:
+            _check_id(backup_id)
+            ids: Iterator[str] = iter([backup_id])
+        else:
+            ids = (n[len("manifests/"):] for n in c.list("manifests/"))
+        cfg = self._config(c, container, create=False)
+        seen = sqlite3.connect("")  # private on-disk temp db: blobs already checked
+        seen.execute("CREATE TABLE seen (pack BLOB, off INTEGER, PRIMARY KEY (pack, off))")
+        mu = threading.Lock()
+
+        def on_bad(e: DataError) -> None:
+            with mu:
+                (missing if isinstance(e, _MissingObject) else corrupt).add(e.object_name)
+
+        def check(run: _Run) -> int:
+            try:
+                return len(_decode_run(c, crypto, run, bs, on_bad))
+            except DataError as e:
+                on_bad(e)
+                return 0
+
+        with ThreadPoolExecutor(max_workers=self.config.upload_concurrency + self.workers,
+                                thread_name_prefix="bv-verify") as pool:
+            for bid in ids:
+                mname = manifest_object(bid)
+                if c.head(mname) is None:
+                    missing.add(mname)
+                    continue
+                if cfg is None:
+                    missing.add(CONFIG_NAME)
+                    break
+                crypto = cfg.crypto
+                pending: deque[Future] = deque()
+                try:
+                    m = ManifestReader(c, bid, crypto, container)
+                    bs = m.block_size
+
+                    def fresh(entries: Iterator[tuple]) -> Iterator[tuple]:
+                        for e in entries:
+                            cur = seen.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)",
+                                               (e[2], e[3]))
+                            if cur.rowcount:
+                                yield e
+
+                    for run in _runs(fresh(_raw_entries(m)), bs):
+                        pending.append(pool.submit(check, run))
+                        while len(pending) > self.config.upload_concurrency + self.workers:
+                            rep.checked_blocks += pending.popleft().result()
+                except DataError as e:
+                    corrupt.add(e.object_name or mname)
+                finally:
+                    while pending:
+                        rep.checked_blocks += pending.popleft().result()
+        seen.close()
+        rep.missing = sorted(missing)
+        rep.corrupt = sorted(corrupt)
+        return rep
+
+    # -- delete and garbage collection --------------------------------------------------
+    def delete(self, *, container: str, backup_id: str) -> None:
+        _check_id(backup_id)
+        c = self.backend.open(container, create=False)
+        # Check the key before deleting anything, so a wrong key fails cleanly.
+        self._config(c, container, create=False)
+        c.delete(manifest_object(backup_id))
+        c.delete(record_object(backup_id))
+        self.collect_garbage(container=container, _c=c)
+
+    def collect_garbage(self, *, container: str, _c: Container | None = None) -> bool:
+        """Delete every pack no manifest references. Returns False if skipped because a
+        backup is running (or a manifest could not be read)."""
+        c = _c or self.backend.open(container, create=False)
+        lock = locks.acquire_gc_lock(c)
+        if lock is None:
+            log.info("garbage collection in %s skipped: a backup is running", container)
+            return False
+        try:
+            return self._gc_locked(c, container, lock)
+        finally:
+            try:
+                lock.release()
+            except StoreError as e:
+                log.warning("could not remove gc lock %s: %s", lock.name, e)
+
+    def _gc_locked(self, c: Container, container: str, lock: locks.Lock) -> bool:
+        cfg = self._config(c, container, create=False)
+        ref = sqlite3.connect("")
+        try:
+            ref.execute("CREATE TABLE ref (pack BLOB PRIMARY KEY) WITHOUT ROWID")
+            for mname in c.list("manifests/"):
+                bid = mname[len("manifests/"):]
+                lock.refresh()
+                if cfg is None:
+                    log.warning("gc in %s skipped: manifests exist but no config", container)
+                    return False
+                try:
+                    m = ManifestReader(c, bid, cfg.crypto, container)
+                    for raw in m.raw_segments():
+                        packs = {e[2] for e in MANIFEST_ENTRY.iter_unpack(raw)}
+                        ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
+                                        ((p,) for p in packs))
+                except EngineError as e:  # corrupt, unknown version, sealed with another key
+                    if c.head(mname) is None:
+                        continue  # deleted meanwhile: its packs are garbage too
+                    # We cannot tell what this manifest references: delete nothing.
+                    log.warning("gc in %s skipped: %s", container, e)
+                    return False
+            for obj in c.list("packs/"):
+                lock.refresh()
+                hexname = obj.rsplit("/", 1)[-1]
+                try:
+                    key = bytes.fromhex(hexname)
+                except ValueError:
+                    continue
+                if len(key) != 32:
+                    continue
+                if ref.execute("SELECT 1 FROM ref WHERE pack = ?", (key,)).fetchone() is None:
+                    c.delete(obj)
+            return True
+        finally:
+            ref.close()
+
+
+class _BackupRun:
+    """State of one backup: a read -> hash -> dedup -> compress -> pack -> upload pipeline.
+
+    Reading+hashing and compression+encryption run on a worker pool; dedup decisions and
+    pack building happen in the calling thread, in block order, so the manifest comes out
+    in index order without sorting. Every queue is bounded.
+    """
+
+    def __init__(self, engine: Engine, c: Container, container: str, cfg: ContainerConfig,
+                 index: Index, index_writer: Index, lock: locks.Lock,
+                 cancelled: Callable[[], bool] | None) -> None:
+        self.engine = engine
+        self.c = c
+        self.container = container
+        self.cfg = cfg
+        self.crypto = cfg.crypto
+        self.bs = cfg.block_size
+        self.index = index  # lookups, calling thread only
+        self.index_writer = index_writer  # inserts, upload threads under index_mu
+        self.lock = lock
+        self.cancelled = cancelled
+        ec = engine.config
+        self.level = ec.zstd_level
+        self.compress = ec.compression == "zstd"
+        self.pack_size = ec.pack_size
+        self.upload_limit = ec.upload_concurrency
+        self.depth = max(2, min(2 * engine.workers, 6))
+        # pack being built
+        self.seq = 0
+        self.open_blobs: list[bytes] = []
+        self.open_entries: list[tuple[bytes, int, int, int, int]] = []
+        self.open_map: dict[bytes, tuple[int, int, int]] = {}
+        self.open_size = 0
+        # sealed packs being uploaded: seq -> {id: (off, len, codec)}
+        self.inflight: dict[int, dict[bytes, tuple[int, int, int]]] = {}
+        self.uploads: deque[tuple[Future, int]] = deque()
+        self.pack_names: dict[int, bytes] = {}
+        self.index_mu = threading.Lock()
+        self.pending_new: set[bytes] = set()
+        self.new_blocks = self.reused_blocks = self.nonzero_blocks = 0
+        self.stored_bytes = self.object_count = 0
+
+    # -- worker-side stages ----------------------------------------------------------------
+    def _scan(self, fd: int, offset: int, length: int, readable: int) -> list[tuple]:
+        data = read_padded(fd, offset, length, readable)
+        bs = self.bs
+        zero = self._zero
+        out = []
+        if length == len(self._zero_chunk) and data == self._zero_chunk:
+            return out
+        block_id = self.crypto.block_id
+        first = offset // bs
+        for i in range(length // bs):
+            block = data[i * bs : (i + 1) * bs]
+            if block == zero:
+                continue
+            out.append((first + i, block_id(block), block))
+        return out
+
+    def _compress(self, items: list[tuple]) -> list[tuple]:
+        cctx = _codecs.compressor(self.level) if self.compress else None
+        seal = self.crypto.seal_blob
+        out = []
+        for it in items:
+            if it[0] == "new":
+                _, idx, bid, block = it
+                data, codec = block, CODEC_NONE
+                if cctx is not None:
+                    z = cctx.compress(block)
+                    if len(z) < len(block):
+                        data, codec = z, CODEC_ZSTD
+                out.append(("new", idx, bid, seal(data, bid), codec))
+            else:
+                out.append(it)
+        return out
+
+    # -- calling-thread stages ------------------------------------------------------------
+    def _emit(self, idx: int, bid: bytes, pack: bytes, off: int, length: int, codec: int,
+              seq: int) -> None:
+        self.tmp.write(_PENDING.pack(idx, bid, pack, off, length, codec, seq))
+
+    def _find(self, bid: bytes, known: dict | None = None) -> (
+        tuple[bytes, int, int, int, int] | None
+    ):
+        """Where this backup or the container already holds ``bid``: (pack name or b"",
+        offset, length, codec, local pack seq or -1)."""
+        loc = self.open_map.get(bid)
+        if loc is not None:
+            return (b"", loc[0], loc[1], loc[2], self.seq)
+        for seq, m in self.inflight.items():
+            loc = m.get(bid)
+            if loc is not None:
+                return (b"", loc[0], loc[1], loc[2], seq)
+        row = known.get(bid) if known is not None else self.index.lookup(bid)
+        if row is not None:
+            return (row[0], row[1], row[2], row[3], -1)
+        return None
+
+    def _parent_at(self, idx: int) -> tuple | None:
+        cur = self.parent_cur
+        try:
+            while cur is not None and cur[0] < idx:
+                cur = next(self.parent_it, None)
+        except (DataError, StoreError) as e:
+            log.warning("parent manifest unreadable, continuing without it: %s", e)
+            cur = None
+        self.parent_cur = cur
+        if cur is None:
+            self.parent_it = iter(())
+        return cur if cur is not None and cur[0] == idx else None
+
+    def _dedup(self, scanned: list[tuple], pool: ThreadPoolExecutor) -> None:
+        items: list[tuple] = []
+        has_new = False
+        todo: list[tuple] = []
+        for idx, bid, block in scanned:
+            p = self._parent_at(idx)
+            if p is not None and p[1] == bid:
+                items.append(("known", idx, bid, p[2], p[3], p[4], p[5], -1))
+            else:
+                items.append(None)
+                todo.append((len(items) - 1, idx, bid, block))
+        self.nonzero_blocks += len(scanned)
+        known = self.index.lookup_many([t[2] for t in todo]) if todo else {}
+        for pos, idx, bid, block in todo:
+            if bid in self.pending_new:
+                items[pos] = ("ref", idx, bid)
+                continue
+            loc = self._find(bid, known)
+            if loc is not None:
+                items[pos] = ("known", idx, bid, *loc)
+                continue
+            self.pending_new.add(bid)
+            items[pos] = ("new", idx, bid, block)
+            has_new = True
+        if not items:
+            return
+        if has_new:
+            self.comp_q.append(pool.submit(self._compress, items))
+        else:
+            f: Future = Future()
+            f.set_result(items)
+            self.comp_q.append(f)
+        while len(self.comp_q) > self.depth:
+            self._pack(self.comp_q.popleft().result())
+
+    def _pack(self, items: list[tuple]) -> None:
+        for it in items:
+            kind = it[0]
+            if kind == "known":
+                self.reused_blocks += 1
+                self._emit(*it[1:])
+            elif kind == "ref":
+                loc = self._find(it[2])
+                if loc is None:  # cannot happen: the first copy was packed before
+                    raise EngineError(f"internal error: lost block {it[2].hex()}")
+                self.reused_blocks += 1
+                self._emit(it[1], it[2], *loc)
+            else:
+                _, idx, bid, blob, codec = it
+                if self.open_blobs and self.open_size + len(blob) > self.pack_size:
+                    self._seal()
+                off = self.open_size
+                self.open_blobs.append(blob)
+                self.open_entries.append((bid, off, len(blob), self.bs, codec))
+                self.open_map[bid] = (off, len(blob), codec)
+                self.open_size += len(blob)
+                self.pending_new.discard(bid)
+                self.new_blocks += 1
+                self._emit(idx, bid, b"", off, len(blob), codec, self.seq)
+        self._reap_uploads(block=False)
+
+    def _seal(self) -> None:
+        if not self.open_blobs:
+            return
+        blobs = self.open_blobs
+        blobs.append(build_trailer(self.open_entries, self.crypto))
+        seq = self.seq
+        self.inflight[seq] = self.open_map
+        idx_entries = [(bid, off, ln, codec) for bid, off, ln, _raw, codec in self.open_entries]
+        fut = self.upload_pool.submit(self._upload, seq, blobs, idx_entries)
+        self.uploads.append((fut, seq))
+        self.open_blobs = []
+        self.open_entries = []
+        self.open_map = {}
+        self.open_size = 0
+        self.seq += 1
+        while len(self.uploads) > self.upload_limit:
+            self._finish_upload(self.uploads.popleft())
+
+    def _upload(self, seq: int, blobs: list[bytes], idx_entries: list) -> int:
+        """Upload thread: assemble, name, put, then publish the pack in the index."""
+        data = b"".join(blobs)
+        blobs.clear()
+        name = blake3.blake3(data).digest()
+        self.c.put(pack_object(name.hex()), data)
+        self.pack_names[seq] = name
+        # Only uploaded packs enter the shared index (other backups may dedup against it).
+        # One writer at a time; SQLite releases the GIL so this overlaps the pipeline.
+        with self.index_mu:
+            self.index_writer.add_pack(name, idx_entries)
+        return len(data)
+
+    def _finish_upload(self, up: tuple) -> None:
+        fut, seq = up
+        nbytes = fut.result()
+        del self.inflight[seq]
+        self.stored_bytes += nbytes
+        self.object_count += 1
+
+    def _reap_uploads(self, block: bool) -> None:
+        while self.uploads and (block or self.uploads[0][0].done()):
+            self._finish_upload(self.uploads.popleft())
+
+    def _check_cancel(self) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise Cancelled("backup cancelled")
+
+    # -- driver ----------------------------------------------------------------------------
+    def run(self, backup_id: str, source: Path, size: int, parent_id: str | None,
+            progress: Progress | None) -> BackupResult:
+        bs = self.bs
+        self._zero = bytes(bs)
+        self._zero_chunk = bytes(READ_CHUNK)
+        nblocks = -(-size // bs)
+        report = _Throttle(progress, size, "backup")
+        self.parent_it: Iterator[tuple] = iter(())
+        self.parent_cur: tuple | None = (-1,)
+        if parent_id is not None:
+            try:
+                pm = ManifestReader(self.c, parent_id, self.crypto, self.container)
+                if pm.block_size == bs:
+                    self.parent_it = _raw_entries(pm)
+                else:
+                    log.info("parent %s has another block size; doing a full backup", parent_id)
+            except DataError as e:
+                log.info("parent %s unusable (%s); doing a full backup", parent_id, e)
+        self.comp_q: deque[Future] = deque()
+        scan_q: deque[Future] = deque()
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            self.engine.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp = tempfile.TemporaryFile(  # noqa: SIM115 - closed in the finally below
+                dir=self.engine.cache_dir, prefix="manifest-")
+        except BaseException:
+            os.close(fd)
+            raise
+        pool = ThreadPoolExecutor(max_workers=self.engine.workers, thread_name_prefix="bv-cpu")
+        self.upload_pool = ThreadPoolExecutor(max_workers=self.upload_limit,
+                                              thread_name_prefix="bv-put")
+        try:
+            readable = min(size, volume_length(fd))
+            for off, length in chunks(fd, readable, bs):
+                self._check_cancel()
+                self.lock.refresh()
+                scan_q.append(pool.submit(self._scan, fd, off, length, readable))
+                while len(scan_q) > self.depth:
+                    self._dedup(scan_q.popleft().result(), pool)
+                    report(off)
+            while scan_q:
+                self._dedup(scan_q.popleft().result(), pool)
+            while self.comp_q:
+                self._pack(self.comp_q.popleft().result())
+            self._check_cancel()
+            self._seal()
+            self._reap_uploads(block=True)
+            self._check_cancel()
+            manifest = self._build_manifest(backup_id, size, parent_id)
+            self.lock.refresh()
+            self.c.put(manifest_object(backup_id), manifest)
+            self.stored_bytes += len(manifest)
+            report(size, force=True)
+            return BackupResult(
+                object_count=self.object_count, stored_bytes=self.stored_bytes,
+                logical_bytes=size, new_blocks=self.new_blocks,
+                reused_blocks=self.reused_blocks,
+                zero_blocks=nblocks - self.nonzero_blocks)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.upload_pool.shutdown(wait=True, cancel_futures=True)
+            os.close(fd)
+            self.tmp.close()
+
+    def _build_manifest(self, backup_id: str, size: int, parent_id: str | None) -> bytes:
+        builder = ManifestBuilder(backup_id, self.crypto)
+        self.tmp.flush()
+        self.tmp.seek(0)
+        names = self.pack_names
+        rec = _PENDING.size
+        while True:
+            buf = self.tmp.read(rec * 4096)
+            if not buf:
+                break
+            for idx, bid, pack, off, length, codec, seq in _PENDING.iter_unpack(buf):
+                if seq >= 0:
+                    pack = names[seq]
+                builder.add_packed(MANIFEST_ENTRY.pack(idx, bid, pack, off, length, codec))
+        return builder.finish({
+            "size": size, "block_size": self.bs, "parent_id": parent_id,
+            "created_at": int(time.time()),
+            "stats": {"new_blocks": self.new_blocks, "reused_blocks": self.reused_blocks},
+        })

@@ -1,0 +1,325 @@
+"""Binary layouts of format version 1 (see docs/format.md): packs, manifests, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from blockvault.engine.crypto import Crypto, SealError
+from blockvault.engine.errors import DataError, FormatError, KeyMismatch
+from blockvault.store import Container, ObjectNotFound
+
+FORMAT_VERSION = 1
+
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+
+CONFIG_NAME = "config"
+
+
+def pack_object(name_hex: str) -> str:
+    return f"packs/{name_hex[:2]}/{name_hex}"
+
+
+def manifest_object(backup_id: str) -> str:
+    return f"manifests/{backup_id}"
+
+
+def record_object(backup_id: str) -> str:
+    return f"records/{backup_id}"
+
+
+# ---------------------------------------------------------------------------------------
+# Container config
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    block_size: int
+    crypto: Crypto
+    raw: dict
+
+
+def make_config(block_size: int, compression: str, key: bytes | None) -> dict:
+    doc: dict = {
+        "format": "blockvault",
+        "version": FORMAT_VERSION,
+        "block_size": block_size,
+        "hash": "blake3",
+        "compression": compression,
+        "created_at": int(time.time()),
+        "encryption": None,
+    }
+    if key is not None:
+        salt = os.urandom(32)
+        doc["encryption"] = {
+            "cipher": "aes-256-gcm",
+            "kdf": "blake3-derive-key",
+            "id_hash": "blake3-keyed",
+            "salt": salt.hex(),
+            "key_check": Crypto(key).key_check(salt).hex(),
+        }
+    return doc
+
+
+def parse_config(container: str, data: bytes, key: bytes | None) -> ContainerConfig:
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("format") != "blockvault":
+            raise ValueError("not a blockvault config")
+    except ValueError as e:
+        raise DataError(f"config of container {container} is corrupt: {e}", CONFIG_NAME) from None
+    if doc.get("version") != FORMAT_VERSION:
+        raise FormatError(
+            f"container {container} has format version {doc.get('version')!r}; "
+            f"this engine reads version {FORMAT_VERSION}"
+        )
+    bs = doc.get("block_size")
+    if not isinstance(bs, int) or bs <= 0 or bs & (bs - 1):
+        raise DataError(f"config of container {container} has a bad block_size", CONFIG_NAME)
+    enc = doc.get("encryption")
+    if enc is None:
+        return ContainerConfig(bs, Crypto(None), doc)
+    if enc.get("cipher") != "aes-256-gcm" or enc.get("kdf") != "blake3-derive-key":
+        raise FormatError(f"container {container} uses an unknown encryption scheme")
+    if key is None:
+        raise KeyMismatch(f"container {container} is encrypted and no encryption key is configured")
+    crypto = Crypto(key)
+    try:
+        ok = crypto.key_check(bytes.fromhex(enc["salt"])).hex() == enc["key_check"]
+    except (KeyError, ValueError, TypeError):
+        raise DataError(f"config of container {container} is corrupt", CONFIG_NAME) from None
+    if not ok:
+        raise KeyMismatch(
+            f"container {container} is encrypted and the configured key does not open it"
+        )
+    return ContainerConfig(bs, crypto, doc)
+
+
+# ---------------------------------------------------------------------------------------
+# Packs: blob* | sealed trailer | footer
+# ---------------------------------------------------------------------------------------
+
+TRAILER_ENTRY = struct.Struct("<32sIIIB")  # block id, offset, stored length, raw length, codec
+FOOTER = struct.Struct("<4sBBHII")  # magic, version, flags, reserved, trailer length, count
+PACK_MAGIC = b"BVPK"
+FLAG_ENCRYPTED = 1
+TRAILER_AAD = b"bv1-pack-trailer"
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    block_id: bytes
+    offset: int
+    length: int
+    raw_length: int
+    codec: int
+
+
+def build_trailer(entries: list[tuple[bytes, int, int, int, int]], crypto: Crypto) -> bytes:
+    body = b"".join(TRAILER_ENTRY.pack(*e) for e in entries)
+    sealed = crypto.seal(body, TRAILER_AAD)
+    flags = FLAG_ENCRYPTED if crypto.encrypted else 0
+    return sealed + FOOTER.pack(PACK_MAGIC, FORMAT_VERSION, flags, 0, len(sealed), len(entries))
+
+
+def read_pack_entries(c: Container, name: str, crypto: Crypto, guess: int = 128 * 1024) -> (
+    list[PackEntry]
+):
+    """Read a pack's trailer with one or two range GETs. Raises DataError if unreadable."""
+    obj = pack_object(name)
+    size = c.head(obj)
+    if size is None:
+        raise DataError(f"pack {obj} is missing", obj)
+    if size < FOOTER.size:
+        raise DataError(f"pack {obj} is truncated", obj)
+    start = max(0, size - guess)
+    tail = c.get(obj, start, size - start)
+    if len(tail) != size - start:
+        raise DataError(f"pack {obj} is truncated", obj)
+    magic, version, _flags, _r, tlen, count = FOOTER.unpack_from(tail, len(tail) - FOOTER.size)
+    if magic != PACK_MAGIC:
+        raise DataError(f"pack {obj} has no valid footer", obj)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"pack {obj} has unknown format version {version}")
+    need = tlen + FOOTER.size
+    if need > size:
+        raise DataError(f"pack {obj} has a corrupt footer", obj)
+    if need > len(tail):
+        tail = c.get(obj, size - need, need)
+    sealed = bytes(tail[len(tail) - need : len(tail) - FOOTER.size])
+    try:
+        body = crypto.open(sealed, TRAILER_AAD)
+    except SealError:
+        raise DataError(f"trailer of pack {obj} is corrupt or sealed with another key", obj) from None
+    if len(body) != count * TRAILER_ENTRY.size:
+        raise DataError(f"trailer of pack {obj} has a wrong length", obj)
+    return [PackEntry(*e) for e in TRAILER_ENTRY.iter_unpack(body)]
+
+
+# ---------------------------------------------------------------------------------------
+# Manifests: prefix | sealed JSON header | (u32 len, sealed zstd segment)* | u32 0
+# ---------------------------------------------------------------------------------------
+
+MANIFEST_MAGIC = b"BVMF"
+MANIFEST_PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, header length
+MANIFEST_ENTRY = struct.Struct("<Q32s32sIIB")  # index, block id, pack, offset, length, codec
+SEGMENT_LEN = struct.Struct("<I")
+SEGMENT_ENTRIES = 4096
+
+
+def _header_aad(backup_id: str) -> bytes:
+    return b"bv1-manifest-header\0" + backup_id.encode()
+
+
+def _segment_aad(backup_id: str, seq: int) -> bytes:
+    return b"bv1-manifest-segment\0" + backup_id.encode() + b"\0" + seq.to_bytes(4, "little")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    index: int
+    block_id: bytes
+    pack: str  # 64 hex digits
+    offset: int
+    length: int
+    codec: int
+
+
+class ManifestBuilder:
+    """Accumulates packed entries in index order and produces the manifest object."""
+
+    def __init__(self, backup_id: str, crypto: Crypto) -> None:
+        self.backup_id = backup_id
+        self.crypto = crypto
+        self._segments: list[bytes] = []
+        self._pending: list[bytes] = []
+        self._cctx = zstandard.ZstdCompressor(level=3)
+        self.entries = 0
+
+    def add_packed(self, packed_entry: bytes) -> None:
+        self._pending.append(packed_entry)
+        self.entries += 1
+        if len(self._pending) >= SEGMENT_ENTRIES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        raw = b"".join(self._pending)
+        self._pending = []
+        sealed = self.crypto.seal(
+            self._cctx.compress(raw), _segment_aad(self.backup_id, len(self._segments))
+        )
+        self._segments.append(SEGMENT_LEN.pack(len(sealed)) + sealed)
+
+    def finish(self, header: dict) -> bytes:
+        self._flush()
+        header = dict(header, backup_id=self.backup_id, entries=self.entries,
+                      segments=len(self._segments), version=FORMAT_VERSION)
+        hdr = self.crypto.seal(json.dumps(header).encode(), _header_aad(self.backup_id))
+        flags = FLAG_ENCRYPTED if self.crypto.encrypted else 0
+        prefix = MANIFEST_PREFIX.pack(MANIFEST_MAGIC, FORMAT_VERSION, flags, len(hdr))
+        out = b"".join([prefix, hdr, *self._segments, SEGMENT_LEN.pack(0)])
+        self._segments = []
+        return out
+
+
+class _RangeReader:
+    """Sequential reads of a (possibly huge) object through bounded range GETs."""
+
+    def __init__(self, c: Container, name: str, window: int = 4 * 1024 * 1024) -> None:
+        self.c, self.name, self.window = c, name, window
+        self.pos = 0
+        self.buf = b""
+        self.bpos = 0
+
+    def read(self, n: int) -> bytes:
+        if self.bpos + n > len(self.buf):
+            rest = self.buf[self.bpos :]
+            want = max(self.window, n - len(rest))
+            try:
+                more = self.c.get(self.name, self.pos, want)
+            except ObjectNotFound:
+                raise DataError(f"manifest {self.name} is missing", self.name) from None
+            self.pos += len(more)
+            self.buf = rest + more
+            self.bpos = 0
+            if len(self.buf) < n:
+                raise DataError(f"manifest {self.name} is truncated", self.name)
+        out = self.buf[self.bpos : self.bpos + n]
+        self.bpos += n
+        return out
+
+
+class ManifestReader:
+    """Streams a manifest: ``header`` is read on open, ``entries()`` yields in index order."""
+
+    def __init__(self, c: Container, backup_id: str, crypto: Crypto, container: str = "") -> None:
+        self.backup_id = backup_id
+        self.name = manifest_object(backup_id)
+        self.crypto = crypto
+        self._r = _RangeReader(c, self.name)
+        prefix = self._r.read(MANIFEST_PREFIX.size)
+        magic, version, flags, hlen = MANIFEST_PREFIX.unpack(prefix)
+        if magic != MANIFEST_MAGIC:
+            raise DataError(f"manifest {self.name} is corrupt (bad magic)", self.name)
+        if version != FORMAT_VERSION:
+            raise FormatError(f"manifest {self.name} has unknown format version {version}")
+        if bool(flags & FLAG_ENCRYPTED) != crypto.encrypted:
+            if flags & FLAG_ENCRYPTED:
+                raise KeyMismatch(
+                    f"container {container} is encrypted and the configured key does not open it"
+                )
+            raise DataError(f"manifest {self.name} is not encrypted in an encrypted container",
+                            self.name)
+        hdr = self._open(self._r.read(hlen), _header_aad(backup_id))
+        try:
+            self.header = json.loads(hdr)
+            self.size = int(self.header["size"])
+            self.block_size = int(self.header["block_size"])
+            self.parent_id = self.header.get("parent_id")
+            self.entry_count = int(self.header["entries"])
+            self.segment_count = int(self.header["segments"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"manifest {self.name} has a corrupt header", self.name) from None
+
+    def _open(self, sealed: bytes, aad: bytes) -> bytes:
+        try:
+            return self.crypto.open(sealed, aad)
+        except SealError:
+            raise DataError(f"manifest {self.name} is corrupt", self.name) from None
+
+    def raw_segments(self) -> Iterator[bytes]:
+        """Yield each segment's packed entries (MANIFEST_ENTRY records)."""
+        dctx = zstandard.ZstdDecompressor()
+        seq = 0
+        total = 0
+        while True:
+            (n,) = SEGMENT_LEN.unpack(self._r.read(SEGMENT_LEN.size))
+            if n == 0:
+                break
+            body = self._open(self._r.read(n), _segment_aad(self.backup_id, seq))
+            try:
+                raw = dctx.decompress(body)
+            except zstandard.ZstdError:
+                raise DataError(f"manifest {self.name} is corrupt", self.name) from None
+            if len(raw) % MANIFEST_ENTRY.size:
+                raise DataError(f"manifest {self.name} is corrupt", self.name)
+            seq += 1
+            total += len(raw) // MANIFEST_ENTRY.size
+            yield raw
+        if seq != self.segment_count or total != self.entry_count:
+            raise DataError(f"manifest {self.name} is incomplete", self.name)
+
+    def entries(self) -> Iterator[ManifestEntry]:
+        for raw in self.raw_segments():
+            for idx, bid, pack, off, length, codec in MANIFEST_ENTRY.iter_unpack(raw):
+                yield ManifestEntry(idx, bid, pack.hex(), off, length, codec)

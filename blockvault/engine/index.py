@@ -1,0 +1,155 @@
+"""The container-wide dedup index: a local SQLite cache of every pack's trailer.
+
+The store is the truth; the cache only saves reading trailers again. ``sync`` lists
+``packs/``, reads the trailers of packs it has not seen (range GETs of footer+trailer) and
+drops packs that no longer exist, so an entry in the cache always names a pack that was
+present at the last sync. Each backup opens its own connection (WAL mode), so concurrent
+backups in threads or processes can share one file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from blockvault.engine.crypto import Crypto
+from blockvault.engine.errors import Cancelled, DataError, FormatError
+from blockvault.engine.format import PackEntry, read_pack_entries
+from blockvault.store import Container, StoreError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs (name BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    id BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL, codec INTEGER NOT NULL,
+    PRIMARY KEY (id, pack)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_pack ON blobs (pack);
+"""
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = self._connect(path)
+        except sqlite3.DatabaseError as e:
+            # Only a cache: a damaged file is thrown away and rebuilt from pack trailers.
+            log.warning("index cache %s unusable (%s); rebuilding it", path, e)
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            self.db = self._connect(path)
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # A cache rebuilt from the store: durability across power loss is not needed.
+            db.execute("PRAGMA synchronous=OFF")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT count(*) FROM packs").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self.db.close()
+
+    # Pack names are stored as their 32 raw bytes (half the size of hex: inserts into a
+    # B-tree keyed by random ids dirty many pages, so row size matters).
+    def lookup(self, block_id: bytes) -> tuple[bytes, int, int, int] | None:
+        return self.db.execute(
+            "SELECT pack, offset, length, codec FROM blobs WHERE id = ? LIMIT 1", (block_id,)
+        ).fetchone()
+
+    def lookup_many(self, ids: list[bytes]) -> dict[bytes, tuple[bytes, int, int, int]]:
+        """Batch lookup: one statement per few hundred ids instead of one per id."""
+        out: dict[bytes, tuple[bytes, int, int, int]] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = ("SELECT id, pack, offset, length, codec FROM blobs WHERE id IN ("
+                 + ",".join("?" * len(part)) + ")")
+            for bid, pack, off, ln, codec in self.db.execute(q, part):
+                out.setdefault(bid, (pack, off, ln, codec))
+        return out
+
+    def add_pack(self, name: bytes, entries: list[tuple[bytes, int, int, int]]) -> None:
+        """Record an uploaded pack: entries are (block id, offset, length, codec)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO blobs (id, pack, offset, length, codec) "
+                "VALUES (?, ?, ?, ?, ?)",
+                ((bid, name, off, ln, codec) for bid, off, ln, codec in entries),
+            )
+            db.execute("INSERT OR IGNORE INTO packs (name) VALUES (?)", (name,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def sync(self, c: Container, crypto: Crypto, concurrency: int,
+             cancelled: Callable[[], bool] | None = None) -> None:
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS listed (name BLOB PRIMARY KEY) WITHOUT ROWID")
+        db.execute("DELETE FROM listed")
+        batch: list[tuple[bytes]] = []
+        db.execute("BEGIN")
+        try:
+            for obj in c.list("packs/"):
+                try:
+                    name = bytes.fromhex(obj.rsplit("/", 1)[-1])
+                except ValueError:
+                    continue
+                if len(name) == 32:
+                    batch.append((name,))
+                if len(batch) >= 10000:
+                    db.executemany("INSERT OR IGNORE INTO listed VALUES (?)", batch)
+                    batch = []
+            db.executemany("INSERT OR IGNORE INTO listed VALUES (?)", batch)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+        gone = [r[0] for r in db.execute(
+            "SELECT name FROM packs WHERE name NOT IN (SELECT name FROM listed)")]
+        if gone:
+            db.execute("BEGIN IMMEDIATE")
+            for name in gone:
+                db.execute("DELETE FROM blobs WHERE pack = ?", (name,))
+                db.execute("DELETE FROM packs WHERE name = ?", (name,))
+            db.execute("COMMIT")
+
+        def fetch(name: bytes) -> tuple[bytes, list[PackEntry] | None]:
+            try:
+                return name, read_pack_entries(c, name.hex(), crypto)
+            except (DataError, FormatError, StoreError) as e:
+                # An unreadable pack is never used for dedup; it stays out of the cache and
+                # is retried at the next sync.
+                log.warning("skipping pack %s while syncing the index: %s", name, e)
+                return name, None
+
+        last = b""
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            while True:
+                names = [r[0] for r in db.execute(
+                    "SELECT name FROM listed WHERE name > ? AND name NOT IN "
+                    "(SELECT name FROM packs) ORDER BY name LIMIT 256", (last,))]
+                if not names:
+                    break
+                if cancelled is not None and cancelled():
+                    raise Cancelled("backup cancelled while syncing the index")
+                last = names[-1]
+                for name, entries in pool.map(fetch, names):
+                    if entries is not None:
+                        self.add_pack(name, [(e.block_id, e.offset, e.length, e.codec)
+                                             for e in entries])
+        db.execute("DELETE FROM listed")

@@ -1,0 +1,72 @@
+"""Reading a sparse volume: which aligned ranges hold data, and reading one of them."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+
+READ_CHUNK = 4 * 1024 * 1024  # one read = one unit of parallel work
+
+
+def volume_length(fd: int) -> int:
+    """Length of a regular file or a block device."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield (start, stop) of regions that may hold data, skipping holes; whole file if the
+    filesystem cannot tell."""
+    pos = 0
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                return
+            yield pos, end  # SEEK_DATA unsupported here
+            return
+        if start >= end:
+            return
+        try:
+            stop = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError:
+            stop = end
+        stop = min(stop, end)
+        if stop <= start:  # defensive: never loop forever
+            stop = end
+        yield start, stop
+        pos = stop
+
+
+def chunks(fd: int, readable: int, block_size: int, chunk: int = READ_CHUNK) -> (
+    Iterator[tuple[int, int]]
+):
+    """Yield (offset, length) pieces, block-aligned and at most ``chunk`` long, covering every
+    block of [0, readable) that may hold data. Blocks are never yielded twice."""
+    done = 0  # everything below this offset has been yielded or is a hole
+    for start, stop in _data_regions(fd, readable):
+        a = max(start - start % block_size, done)
+        b = -(-stop // block_size) * block_size
+        while a < b:
+            n = min(chunk - a % chunk, b - a)  # keep reads aligned to the chunk grid
+            yield a, n
+            a += n
+        done = max(done, b)
+
+
+def read_padded(fd: int, offset: int, length: int, readable: int) -> bytes:
+    """Read [offset, offset+length); bytes at or past ``readable`` read as zeros."""
+    want = max(0, min(length, readable - offset))
+    parts = []
+    got = 0
+    while got < want:
+        b = os.pread(fd, want - got, offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(data) < length:
+        data += bytes(length - len(data))
+    return data

@@ -1,0 +1,660 @@
+"""Backup engine tests: real sparse files, a real local store, byte-exact round trips."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blockvault.engine import (
+    Cancelled,
+    DataError,
+    Engine,
+    EngineConfig,
+    EngineError,
+    FormatError,
+    KeyMismatch,
+    locks,
+)
+from blockvault.store.local import LocalBackend
+
+MiB = 1024 * 1024
+BS = 32768
+
+
+def sha256_of(path: Path, size: int | None = None) -> str:
+    """sha256 of the first ``size`` bytes of ``path`` (zero-padded past its end)."""
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while size is None or done < size:
+            want = 4 * MiB if size is None else min(4 * MiB, size - done)
+            b = f.read(want)
+            if not b:
+                break
+            h.update(b)
+            done += len(b)
+    if size is not None and done < size:
+        left = size - done
+        while left:
+            n = min(left, 4 * MiB)
+            h.update(bytes(n))
+            left -= n
+    return h.hexdigest()
+
+
+def text(n: int, seed: int) -> bytes:
+    """Compressible text in which every 4 KiB block is distinct."""
+    rnd = random.Random(seed)
+    words = [
+        bytes(rnd.choices(b"abcdefghijklmnopqrstuvwxyz", k=rnd.randint(2, 9))) for _ in range(500)
+    ]
+    base = b" ".join(rnd.choices(words, k=60_000))
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        a = (i * 7919) % (len(base) - 3000)
+        out += b"<%d:%d>" % (seed, i) + base[a : a + 3000]
+        i += 1
+    return bytes(out[:n])
+
+
+def make_volume(path: Path, size: int = 48 * MiB, seed: int = 1) -> Path:
+    """A sparse file with holes, explicit zero runs, compressible and random data and an
+    unaligned tail."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(0)
+        f.write(text(300_000, seed))  # unaligned end
+        f.seek(3 * MiB)
+        f.write(rnd.randbytes(2 * MiB))
+        f.seek(8 * MiB)
+        f.write(bytes(2 * MiB))  # allocated zeros
+        f.seek(12 * MiB + 1234)
+        f.write(text(777_777, seed + 1))
+        f.seek(20 * MiB)
+        f.write(rnd.randbytes(100_000) + bytes(200_000) + rnd.randbytes(50_000))
+        f.seek(size - 5000)
+        f.write(rnd.randbytes(5000))
+        f.truncate(size)
+    return path
+
+
+def new_target(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalBackend:
+    return LocalBackend(tmp_path / "store")
+
+
+@pytest.fixture
+def engine(store: LocalBackend, tmp_path: Path) -> Engine:
+    return Engine(store, tmp_path / "cache", EngineConfig(pack_size=1 * MiB, workers=2))
+
+
+def packs(store: LocalBackend, container: str = "c") -> list[Path]:
+    root = store.root / container / "packs"
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp"))
+
+
+def test_full_backup_round_trip_keeps_holes(
+    engine: Engine, store: LocalBackend, tmp_path: Path
+) -> None:
+    src = make_volume(tmp_path / "vol")
+    size = src.stat().st_size
+    progress: list[tuple[int, int, str]] = []
+    res = engine.backup(
+        container="c",
+        backup_id="b1",
+        source=src,
+        size=size,
+        progress=lambda d, t, p: progress.append((d, t, p)),
+    )
+    assert res.logical_bytes == size
+    assert res.object_count == len(packs(store)) >= 2
+    assert res.new_blocks > 0 and res.zero_blocks > 0
+    assert res.new_blocks + res.reused_blocks + res.zero_blocks == -(-size // BS)
+    # compressible text is compressed, random data is not inflated
+    assert res.stored_bytes < 2 * MiB + 100_000 + 400_000 + 5000 + 300_000
+    assert progress[-1] == (size, size, "backup")
+    assert engine.has_backup(container="c", backup_id="b1")
+    assert not (store.root / "c" / "locks").exists() or not list(
+        (store.root / "c" / "locks").iterdir()
+    )
+
+    dst = new_target(tmp_path / "restored")
+    engine.restore(container="c", backup_id="b1", target=dst, target_is_new=True)
+    assert dst.stat().st_size == size
+    assert sha256_of(dst) == sha256_of(src)
+    # holes and zero runs stay unallocated: well below the source's allocation
+    assert dst.stat().st_blocks * 512 < src.stat().st_blocks * 512 - 1 * MiB
+    assert engine.verify(container="c", backup_id="b1").ok
+
+
+def test_restore_over_existing_target_writes_zeros(engine: Engine, tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol", size=24 * MiB + 999)
+    size = src.stat().st_size
+    engine.backup(container="c", backup_id="b1", source=src, size=size)
+    dst = tmp_path / "old"
+    with open(dst, "wb") as f:  # a used volume, larger than the backup
+        f.write(random.Random(5).randbytes(size + 3 * MiB))
+    tail = dst.read_bytes()[size:]
+    engine.restore(container="c", backup_id="b1", target=dst, target_is_new=False)
+    assert sha256_of(dst, size) == sha256_of(src)
+    assert dst.read_bytes()[size:] == tail  # beyond the backup: untouched
+
+
+def test_size_beyond_and_below_file_length(engine: Engine, tmp_path: Path) -> None:
+    src = tmp_path / "vol"
+    data = random.Random(3).randbytes(1 * MiB + 100)
+    src.write_bytes(data)
+    # larger than the file: the rest reads as zeros
+    engine.backup(container="c", backup_id="big", source=src, size=5 * MiB)
+    dst = new_target(tmp_path / "big.out")
+    engine.restore(container="c", backup_id="big", target=dst, target_is_new=True)
+    assert dst.stat().st_size == 5 * MiB
+    assert sha256_of(dst) == sha256_of(src, 5 * MiB)
+    # smaller than the file and not block aligned: bytes past size are not part of it
+    engine.backup(container="c", backup_id="small", source=src, size=50_001)
+    dst2 = new_target(tmp_path / "small.out")
+    engine.restore(container="c", backup_id="small", target=dst2, target_is_new=True)
+    assert dst2.read_bytes() == data[:50_001]
+
+
+def test_incremental_stores_only_changes(engine: Engine, tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol")
+    size = src.stat().st_size
+    first_digest = sha256_of(src)
+    engine.backup(container="c", backup_id="b1", source=src, size=size)
+    rnd = random.Random(9)
+    touched = set()
+    with open(src, "r+b") as f:
+        for _ in range(40):
+            off = rnd.randrange(0, size - 200)
+            f.seek(off)
+            f.write(rnd.randbytes(100))
+            touched.update({off // BS, (off + 99) // BS})
+    res = engine.backup(container="c", backup_id="b2", source=src, size=size, parent_id="b1")
+    assert res.new_blocks <= len(touched)
+    assert res.new_blocks >= len(touched) - 2  # (a write may land in a block that was data)
+    # uploaded: the changed blocks plus a small manifest
+    assert res.stored_bytes < len(touched) * BS + 64 * 1024
+    for bid, digest in (("b2", sha256_of(src)), ("b1", first_digest)):
+        dst = new_target(tmp_path / f"{bid}.out")
+        engine.restore(container="c", backup_id=bid, target=dst, target_is_new=True)
+        assert sha256_of(dst) == digest
+    # every manifest is complete on its own: deleting the parent keeps the child whole
+    engine.delete(container="c", backup_id="b1")
+    dst = new_target(tmp_path / "b2.again")
+    engine.restore(container="c", backup_id="b2", target=dst, target_is_new=True)
+    assert sha256_of(dst) == sha256_of(src)
+    assert engine.verify(container="c").ok
+
+
+def test_missing_parent_means_full_backup(engine: Engine, tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol", size=8 * MiB)
+    res = engine.backup(container="c", backup_id="b1", source=src, size=8 * MiB, parent_id="nosuch")
+    dst = new_target(tmp_path / "out")
+    engine.restore(container="c", backup_id="b1", target=dst, target_is_new=True)
+    assert sha256_of(dst) == sha256_of(src)
+    assert res.new_blocks > 0
+
+
+def test_dedup_across_volumes_and_rebuilt_cache(store: LocalBackend, tmp_path: Path) -> None:
+    e1 = Engine(store, tmp_path / "cache1", EngineConfig(pack_size=4 * MiB))
+    a = make_volume(tmp_path / "a", seed=1)
+    size = a.stat().st_size
+    r1 = e1.backup(container="c", backup_id="a1", source=a, size=size)
+    b = tmp_path / "b"
+    b.write_bytes(a.read_bytes())
+    with open(b, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(os.urandom(BS))
+    # another host: empty cache, the index is rebuilt from pack trailers
+    e2 = Engine(store, tmp_path / "cache2", EngineConfig(pack_size=4 * MiB))
+    r2 = e2.backup(container="c", backup_id="b1", source=b, size=size)
+    assert r2.new_blocks == 1
+    assert r2.reused_blocks == r1.new_blocks + r1.reused_blocks - 1
+    assert r2.stored_bytes < BS + 64 * 1024
+    for bid, src in (("a1", a), ("b1", b)):
+        dst = new_target(tmp_path / f"{bid}.out")
+        e1.restore(container="c", backup_id=bid, target=dst, target_is_new=True)
+        assert sha256_of(dst) == sha256_of(src)
+
+
+def test_duplicate_blocks_within_one_backup(
+    engine: Engine, store: LocalBackend, tmp_path: Path
+) -> None:
+    block = os.urandom(BS)
+    src = tmp_path / "vol"
+    src.write_bytes(block * 300 + os.urandom(BS) + block * 5)
+    size = src.stat().st_size
+    res = engine.backup(container="c", backup_id="b1", source=src, size=size)
+    assert res.new_blocks == 2
+    assert res.reused_blocks == 304
+    assert res.stored_bytes < 3 * BS + 16 * 1024
+    dst = new_target(tmp_path / "out")
+    engine.restore(container="c", backup_id="b1", target=dst, target_is_new=True)
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_many_manifest_segments(store: LocalBackend, tmp_path: Path) -> None:
+    eng = Engine(store, tmp_path / "cache", EngineConfig(block_size=4096, pack_size=2 * MiB))
+    src = tmp_path / "vol"
+    src.write_bytes(text(9000 * 4096, 4))  # > 2 segments of 4096 entries
+    size = src.stat().st_size
+    r1 = eng.backup(container="c", backup_id="b1", source=src, size=size)
+    with open(src, "r+b") as f:
+        f.seek(8500 * 4096)
+        f.write(b"changed")
+    r2 = eng.backup(container="c", backup_id="b2", source=src, size=size, parent_id="b1")
+    assert r2.new_blocks == 1
+    assert r1.new_blocks + r1.reused_blocks == 9000
+    dst = new_target(tmp_path / "out")
+    eng.restore(container="c", backup_id="b2", target=dst, target_is_new=True)
+    assert sha256_of(dst) == sha256_of(src)
+    # the container keeps its block size even for an engine configured otherwise
+    other = Engine(store, tmp_path / "cache", EngineConfig(block_size=65536))
+    r3 = other.backup(container="c", backup_id="b3", source=src, size=size, parent_id="b2")
+    assert r3.new_blocks == 0 and r3.reused_blocks == 9000
+
+
+def test_corrupt_pack_is_detected(engine: Engine, store: LocalBackend, tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol", size=8 * MiB)
+    engine.backup(container="c", backup_id="b1", source=src, size=8 * MiB)
+    victim = packs(store)[0]
+    raw = bytearray(victim.read_bytes())
+    raw[100] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    name = f"packs/{victim.parent.name}/{victim.name}"
+    with pytest.raises(DataError) as ei:
+        engine.restore(
+            container="c", backup_id="b1", target=new_target(tmp_path / "o"), target_is_new=True
+        )
+    assert ei.value.object_name == name
+    assert name in str(ei.value) and "hash check" in str(ei.value)
+    rep = engine.verify(container="c", backup_id="b1")
+    assert not rep.ok and rep.corrupt == [name] and rep.missing == []
+    assert rep.checked_blocks > 0
+    assert engine.verify(container="c").corrupt == [name]
+
+
+def test_missing_pack_is_detected(engine: Engine, store: LocalBackend, tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol", size=16 * MiB)
+    engine.backup(container="c", backup_id="b1", source=src, size=16 * MiB)
+    victim = packs(store)[-1]
+    victim.unlink()
+    name = f"packs/{victim.parent.name}/{victim.name}"
+    with pytest.raises(DataError) as ei:
+        engine.restore(
+            container="c", backup_id="b1", target=new_target(tmp_path / "o"), target_is_new=True
+        )
+    assert ei.value.object_name == name and "missing" in str(ei.value)
+    rep = engine.verify(container="c")
+    assert rep.missing == [name] and not rep.ok
+    # a later backup must not dedup against the vanished pack
+    engine.backup(container="c", backup_id="b2", source=src, size=16 * MiB)
+    dst = new_target(tmp_path / "o2")
+    engine.restore(container="c", backup_id="b2", target=dst, target_is_new=True)
+    assert sha256_of(dst) == sha256_of(src)
+
+
+def test_missing_backup_and_records(engine: Engine, tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol", size=4 * MiB)
+    rec = {"id": "b1", "volume_id": "v", "size": 1, "nested": {"a": [1, 2]}}
+    engine.backup(container="c", backup_id="b1", source=src, size=4 * MiB, record=rec)
+    assert engine.read_record(container="c", backup_id="b1") == rec
+    engine.write_record(container="c", backup_id="b1", record={"x": 2})
+    assert engine.read_record(container="c", backup_id="b1") == {"x": 2}
+    with pytest.raises(DataError) as ei:
+        engine.read_record(container="c", backup_id="nope")
+    assert ei.value.object_name == "records/nope"
+    with pytest.raises(DataError) as ei:
+        engine.restore(
+            container="c", backup_id="nope", target=new_target(tmp_path / "o"), target_is_new=True
+        )
+    assert ei.value.object_name == "manifests/nope"
+    assert not engine.has_backup(container="c", backup_id="nope")
+
+
+def test_delete_collects_garbage(engine: Engine, store: LocalBackend, tmp_path: Path) -> None:
+    a = make_volume(tmp_path / "a", size=16 * MiB, seed=1)
+    b = make_volume(tmp_path / "b", size=16 * MiB, seed=2)
+    engine.backup(container="c", backup_id="a1", source=a, size=16 * MiB, record={"a": 1})
+    engine.backup(container="c", backup_id="b1", source=b, size=16 * MiB)
+    with open(a, "r+b") as f:
+        f.write(b"new")
+    engine.backup(container="c", backup_id="a2", source=a, size=16 * MiB, parent_id="a1")
+    n = len(packs(store))
+    engine.delete(container="c", backup_id="a1")
+    assert not engine.has_backup(container="c", backup_id="a1")
+    with pytest.raises(DataError):
+        engine.read_record(container="c", backup_id="a1")
+    assert len(packs(store)) <= n
+    for bid, src in (("a2", a), ("b1", b)):
+        dst = new_target(tmp_path / f"{bid}.out")
+        engine.restore(container="c", backup_id=bid, target=dst, target_is_new=True)
+        assert sha256_of(dst) == sha256_of(src)
+    engine.delete(container="c", backup_id="b1")
+    engine.delete(container="c", backup_id="a2")
+    engine.delete(container="c", backup_id="a2")  # idempotent
+    assert packs(store) == []
+    assert engine.verify(container="c").ok
+
+
+def _put_lock(store: LocalBackend, name: str, age: float = 0.0) -> None:
+    c = store.open("c")
+    c.put(name, json.dumps({"time": time.time() - age}).encode())
+
+
+def test_gc_skipped_while_a_backup_runs(
+    engine: Engine, store: LocalBackend, tmp_path: Path
+) -> None:
+    src = make_volume(tmp_path / "vol", size=8 * MiB)
+    engine.backup(container="c", backup_id="b1", source=src, size=8 * MiB)
+    n = len(packs(store))
+    _put_lock(store, "locks/backup-other")  # another host is backing up
+    engine.delete(container="c", backup_id="b1")
+    assert len(packs(store)) == n  # garbage kept for a later GC
+    assert [p.name for p in (store.root / "c" / "locks").iterdir()] == ["backup-other"]
+    # a stale lock (its owner crashed long ago) does not block GC
+    _put_lock(store, "locks/backup-other", age=locks.STALE_AFTER + 10)
+    engine.delete(container="c", backup_id="b1")
+    assert packs(store) == []
+
+
+def test_backup_waits_for_running_gc(
+    engine: Engine, store: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(locks, "GC_WAIT_POLL", 0.05)
+    src = make_volume(tmp_path / "vol", size=4 * MiB)
+    _put_lock(store, "locks/gc-1234")
+    done: list[object] = []
+    t = threading.Thread(
+        target=lambda: done.append(
+            engine.backup(container="c", backup_id="b1", source=src, size=4 * MiB)
+        )
+    )
+    t.start()
+    time.sleep(0.4)
+    assert not done and not engine.has_backup(container="c", backup_id="b1")
+    store.open("c").delete("locks/gc-1234")
+    t.join(30)
+    assert done and engine.has_backup(container="c", backup_id="b1")
+    # and gives up (without a manifest) if the GC never finishes
+    monkeypatch.setattr(locks, "GC_WAIT_MAX", 0.2)
+    _put_lock(store, "locks/gc-5678")
+    with pytest.raises(EngineError):
+        engine.backup(container="c", backup_id="b2", source=src, size=4 * MiB)
+    assert not engine.has_backup(container="c", backup_id="b2")
+    assert not store.open("c").head("locks/backup-b2")
+
+
+def test_cancel_leaves_no_manifest(engine: Engine, store: LocalBackend, tmp_path: Path) -> None:
+    src = tmp_path / "vol"
+    src.write_bytes(os.urandom(24 * MiB))
+    polls = 0
+
+    def cancelled() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 3
+
+    with pytest.raises(Cancelled):
+        engine.backup(container="c", backup_id="b1", source=src, size=24 * MiB, cancelled=cancelled)
+    assert not engine.has_backup(container="c", backup_id="b1")
+    assert list(store.open("c").list("locks/")) == []
+    # the next GC removes what the cancelled backup uploaded
+    engine.delete(container="c", backup_id="b1")
+    assert packs(store) == []
+    with pytest.raises(Cancelled):
+        engine.backup(
+            container="c", backup_id="b2", source=src, size=24 * MiB, cancelled=lambda: True
+        )
+
+
+def test_concurrent_backups_in_threads(store: LocalBackend, tmp_path: Path) -> None:
+    eng = Engine(store, tmp_path / "cache", EngineConfig(pack_size=2 * MiB, workers=2))
+    vols = [make_volume(tmp_path / f"v{i}", size=12 * MiB, seed=i % 2) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            eng.backup(
+                container="c" if i < 3 else "d", backup_id=f"b{i}", source=vols[i], size=12 * MiB
+            )
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for i in range(4):
+        dst = new_target(tmp_path / f"o{i}")
+        eng.restore(
+            container="c" if i < 3 else "d", backup_id=f"b{i}", target=dst, target_is_new=True
+        )
+        assert sha256_of(dst) == sha256_of(vols[i])
+    assert eng.verify(container="c").ok and eng.verify(container="d").ok
+
+
+def test_encryption_round_trip_and_wrong_key(store: LocalBackend, tmp_path: Path) -> None:
+    key = os.urandom(32)
+    eng = Engine(store, tmp_path / "cache", EngineConfig(encryption_key=key, pack_size=2 * MiB))
+    src = make_volume(tmp_path / "vol", size=8 * MiB)
+    marker = b"PLAINTEXT-MARKER-" * 100
+    with open(src, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(marker)
+    eng.backup(
+        container="c", backup_id="b1", source=src, size=8 * MiB, record={"secret": "volume-name"}
+    )
+    cfg = json.loads((store.root / "c" / "config").read_bytes())
+    assert cfg["encryption"]["cipher"] == "aes-256-gcm" and key.hex() not in json.dumps(cfg)
+    for p in (store.root / "c").rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert b"PLAINTEXT-MARKER" not in data and b"volume-name" not in data
+    with open(src, "r+b") as f:
+        f.seek(6 * MiB)
+        f.write(b"changed")
+    r2 = eng.backup(container="c", backup_id="b2", source=src, size=8 * MiB, parent_id="b1")
+    assert r2.new_blocks == 1
+    dst = new_target(tmp_path / "out")
+    eng.restore(container="c", backup_id="b2", target=dst, target_is_new=True)
+    assert sha256_of(dst) == sha256_of(src)
+    assert eng.read_record(container="c", backup_id="b1") == {"secret": "volume-name"}
+    assert eng.verify(container="c").ok
+
+    for bad in (os.urandom(32), None):
+        other = Engine(store, tmp_path / "cache", EngineConfig(encryption_key=bad))
+        with pytest.raises(KeyMismatch, match="container c is encrypted"):
+            other.restore(
+                container="c", backup_id="b1", target=new_target(tmp_path / "x"), target_is_new=True
+            )
+        with pytest.raises(KeyMismatch):
+            other.backup(container="c", backup_id="b3", source=src, size=8 * MiB)
+        with pytest.raises(KeyMismatch):
+            other.read_record(container="c", backup_id="b1")
+        with pytest.raises(KeyMismatch):
+            other.delete(container="c", backup_id="b1")
+    assert eng.has_backup(container="c", backup_id="b1")
+
+    # a tampered blob fails authentication and is reported as corrupt
+    victim = packs(store)[-1]
+    raw = bytearray(victim.read_bytes())
+    raw[20] ^= 1
+    victim.write_bytes(bytes(raw))
+    assert not eng.verify(container="c").ok
+    eng.delete(container="c", backup_id="b1")
+    eng.delete(container="c", backup_id="b2")
+    assert packs(store) == []
+
+
+_HUGE_SCRIPT = r"""
+import os, resource, sys, time
+from pathlib import Path
+from blockvault.engine import Engine, EngineConfig
+from blockvault.store.local import LocalBackend
+
+tmp = Path(sys.argv[1])
+MiB = 1024 * 1024
+size = 16 * 1024 * MiB
+src = tmp / "huge"
+with open(src, "wb") as f:
+    f.truncate(size)
+    for i in range(16):
+        f.seek(i * 1024 * MiB + 12345)
+        f.write(os.urandom(256 * 1024))
+eng = Engine(LocalBackend(tmp / "store"), tmp / "cache", EngineConfig())
+t = time.monotonic()
+res = eng.backup(container="c", backup_id="b1", source=src, size=size)
+took = time.monotonic() - t
+assert res.logical_bytes == size and res.new_blocks == 16 * 9, res
+dst = tmp / "out"
+dst.touch()
+eng.restore(container="c", backup_id="b1", target=dst, target_is_new=True)
+assert dst.stat().st_size == size and dst.stat().st_blocks * 512 < 16 * MiB
+with open(src, "rb") as a, open(dst, "rb") as b:
+    for i in range(16):
+        a.seek(i * 1024 * MiB)
+        b.seek(i * 1024 * MiB)
+        assert a.read(32768 * 10) == b.read(32768 * 10)
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_huge_sparse_volume_bounded_memory(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _HUGE_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    took, maxrss_kib = out.stdout.split()
+    assert float(took) < 20
+    assert int(maxrss_kib) < 256 * 1024
+
+
+def test_unknown_format_and_corrupt_manifest(engine: Engine, store: LocalBackend,
+                                             tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol", size=4 * MiB)
+    engine.backup(container="c", backup_id="b1", source=src, size=4 * MiB)
+    engine.backup(container="c", backup_id="b2", source=src, size=4 * MiB)
+    mpath = store.root / "c" / "manifests" / "b2"
+    raw = bytearray(mpath.read_bytes())
+    raw[-30] ^= 0x55  # inside the last segment
+    mpath.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as ei:
+        engine.restore(container="c", backup_id="b2", target=new_target(tmp_path / "o"),
+                       target_is_new=True)
+    assert ei.value.object_name == "manifests/b2"
+    rep = engine.verify(container="c")
+    assert rep.corrupt == ["manifests/b2"] and rep.checked_blocks > 0
+    # GC cannot know what a corrupt manifest references: it deletes nothing
+    n = len(packs(store))
+    engine.delete(container="c", backup_id="b1")
+    assert len(packs(store)) == n
+    cfg_path = store.root / "c" / "config"
+    cfg = json.loads(cfg_path.read_bytes())
+    cfg["version"] = 2
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(FormatError):
+        engine.backup(container="c", backup_id="b3", source=src, size=4 * MiB)
+
+
+def test_restore_progress_and_cancel(engine: Engine, tmp_path: Path) -> None:
+    src = tmp_path / "vol"
+    src.write_bytes(os.urandom(6 * MiB))
+    engine.backup(container="c", backup_id="b1", source=src, size=6 * MiB)
+    seen: list[tuple[int, int, str]] = []
+    dst = new_target(tmp_path / "o")
+    engine.restore(container="c", backup_id="b1", target=dst, target_is_new=True,
+                   progress=lambda d, t, p: seen.append((d, t, p)))
+    assert seen[-1] == (6 * MiB, 6 * MiB, "restore")
+    assert dst.read_bytes() == src.read_bytes()
+    with pytest.raises(Cancelled):
+        engine.restore(container="c", backup_id="b1", target=new_target(tmp_path / "o2"),
+                       target_is_new=True, cancelled=lambda: True)
+
+
+def _backup_in_thread(eng: Engine, bid: str, src: Path) -> tuple[threading.Thread,
+                                                                 list[BaseException]]:
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def slow_cancelled() -> bool:
+        started.set()
+        time.sleep(0.01)  # widen the window in which a concurrent GC runs
+        return False
+
+    def run() -> None:
+        try:
+            eng.backup(container="c", backup_id=bid, source=src, size=src.stat().st_size,
+                       cancelled=slow_cancelled)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    started.wait(10)
+    return t, errors
+
+
+def test_delete_during_backup_never_loses_referenced_packs(store: LocalBackend,
+                                                           tmp_path: Path) -> None:
+    """A backup deduplicating against a backup that is deleted meanwhile stays whole."""
+    eng = Engine(store, tmp_path / "cache", EngineConfig(pack_size=1 * MiB))
+    src = make_volume(tmp_path / "vol", size=16 * MiB)
+    for round_ in range(3):
+        eng.backup(container="c", backup_id="old", source=src, size=16 * MiB)
+        t, errors = _backup_in_thread(eng, f"new{round_}", src)
+        eng.delete(container="c", backup_id="old")
+        t.join(60)
+        assert not errors
+        dst = new_target(tmp_path / f"o{round_}")
+        eng.restore(container="c", backup_id=f"new{round_}", target=dst, target_is_new=True)
+        assert sha256_of(dst) == sha256_of(src)
+    eng.delete(container="c", backup_id="old")  # now nothing runs: garbage goes
+    assert eng.verify(container="c").ok
+
+
+def test_clone_backup_survives_deleting_the_source(tmp_path):
+    """An imported copy under a new id keeps its data when the original is deleted."""
+    from blockvault.engine import Engine
+    from blockvault.store.local import LocalBackend
+
+    src = tmp_path / "vol.raw"
+    with open(src, "wb") as f:
+        f.truncate(8 * 1024 * 1024)
+        f.seek(1024 * 1024)
+        f.write(os.urandom(3 * 1024 * 1024))
+    engine = Engine(LocalBackend(tmp_path / "store"), tmp_path / "cache")
+    engine.backup(container="c", backup_id="orig", source=src, size=src.stat().st_size)
+    engine.clone_backup(container="c", source_id="orig", target_id="copy")
+    engine.delete(container="c", backup_id="orig")
+    out = tmp_path / "out.raw"
+    with open(out, "wb") as f:
+        f.truncate(src.stat().st_size)
+    engine.restore(container="c", backup_id="copy", target=out, target_is_new=True)
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    engine.delete(container="c", backup_id="copy")
+    assert list((tmp_path / "store" / "c").rglob("packs/*/*")) == []
