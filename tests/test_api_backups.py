@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import uuid
@@ -97,12 +98,17 @@ def test_restore_into_existing_volume_overwrites_everything(alice):
     }
     alice.wait("volume", target, {"available"})
     alice.wait("backup", backup, {"available"})
-    # The first GiB equals the source; the rest of the bigger target is untouched zeros.
-    r = alice.get(f"/volumes/{target}/data", headers={"Range": f"bytes=0-{1024 * MiB - 1}"})
-    assert r.status_code == 206
-    import hashlib
-
-    assert hashlib.sha256(r.content).hexdigest() == src_hash
+    # The first GiB equals the source; the rest of the bigger target is zeros.
+    h = hashlib.sha256()
+    with alice.http.stream("GET", f"{alice.base}/volumes/{target}/data",
+                           headers={"Range": f"bytes=0-{1024 * MiB - 1}"}) as r:
+        assert r.status_code == 206
+        for chunk in r.iter_bytes(4 * MiB):
+            h.update(chunk)
+    assert h.hexdigest() == src_hash
+    tail = alice.get(f"/volumes/{target}/data",
+                     headers={"Range": f"bytes={1024 * MiB}-{1024 * MiB + 4 * MiB - 1}"})
+    assert tail.content == bytes(4 * MiB)
 
 
 def test_incremental_backup_chain_and_restore(alice):
