@@ -7,8 +7,7 @@ from starlette.responses import Response
 from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
 from blockvault.api.http import Call, Endpoint, accepted, json_response
-from blockvault.api.views import backup_detail, backup_summary
-from blockvault.db.models import utcnow
+from blockvault.api.views import backup_detail, backup_summary, isotime
 
 
 def _summary(call: Call, backup) -> dict:  # noqa: ANN001
@@ -129,23 +128,35 @@ def action(call: Call) -> Response:
 
 def progress(call: Call) -> Response:
     """blockvault extension: how far a running backup or restore has got."""
-    backup, job = call.services.backups.progress(call.ctx, call.path["backup_id"])
-    body = {
-        "backup_id": backup.id,
-        "status": backup.status,
-        "phase": job.phase if job else None,
-        "bytes_done": job.bytes_done if job else 0,
-        "bytes_total": job.bytes_total if job else 0,
-        "operation": job.kind if job else None,
-        "job_state": job.state if job else None,
-    }
-    if job and job.started_at and job.bytes_done:
-        end = job.finished_at or utcnow()
-        seconds = max((end - job.started_at).total_seconds(), 1e-3)
-        body["bytes_per_second"] = int(job.bytes_done / seconds)
-    else:
-        body["bytes_per_second"] = 0
-    return json_response({"progress": body})
+    return json_response({"progress": call.services.backups.progress(
+        call.ctx, call.path["backup_id"])})
+
+
+def start_verify(call: Call) -> Response:
+    """blockvault extension: check every block of a backup in the background."""
+    call.services.backups.verify(call.ctx, call.path["backup_id"])
+    return accepted()
+
+
+def show_verify(call: Call) -> Response:
+    backup_id = call.path["backup_id"]
+    job = call.services.backups.verification(call.ctx, backup_id)
+    if job is None:
+        raise HTTPFault(404, f"Backup {backup_id} has not been verified.")
+    report = job.result or {}
+    state = {"queued": "queued", "running": "running"}.get(job.state)
+    if state is None:
+        state = "ok" if report.get("ok") else "failed"
+    return json_response({"verification": {
+        "backup_id": backup_id,
+        "state": state,
+        "checked_blocks": report.get("checked_blocks", 0),
+        "missing": report.get("missing", []),
+        "corrupt": report.get("corrupt", []),
+        "error": report.get("error") or job.error,
+        "started_at": isotime(job.started_at),
+        "finished_at": isotime(job.finished_at),
+    }})
 
 
 ENDPOINTS = [
@@ -160,4 +171,6 @@ ENDPOINTS = [
     Endpoint("GET", "/backups/{backup_id}/export_record", export_record),
     Endpoint("POST", "/backups/{backup_id}/action", action, body="json"),
     Endpoint("GET", "/backups/{backup_id}/progress", progress),
+    Endpoint("POST", "/backups/{backup_id}/verify", start_verify),
+    Endpoint("GET", "/backups/{backup_id}/verify", show_verify),
 ]

@@ -146,13 +146,50 @@ class BackupService:
         with self.db.session() as s:
             return list_resources(s, ctx, BACKUP_LIST, params, version, self.max_limit)
 
-    def progress(self, ctx: RequestContext, backup_id: str) -> tuple[Backup, Job | None]:
+    def progress(self, ctx: RequestContext, backup_id: str) -> dict[str, Any]:
+        """How far the latest create/restore/delete/import of a backup has got."""
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id)
             job = s.scalars(
-                select(Job).where(Job.backup_id == backup_id).order_by(Job.created_at.desc())
+                select(Job)
+                .where(Job.backup_id == backup_id, Job.kind != "verify")
+                .order_by(Job.created_at.desc())
             ).first()
-            return backup, job
+        rate = 0
+        if job and job.started_at and job.bytes_done:
+            seconds = ((job.finished_at or utcnow()) - job.started_at).total_seconds()
+            rate = int(job.bytes_done / max(seconds, 1e-3))
+        return {
+            "backup_id": backup.id,
+            "status": backup.status,
+            "operation": job.kind if job else None,
+            "job_state": job.state if job else None,
+            "phase": job.phase if job else None,
+            "bytes_done": job.bytes_done if job else 0,
+            "bytes_total": job.bytes_total if job else 0,
+            "bytes_per_second": rate,
+        }
+
+    def verify(self, ctx: RequestContext, backup_id: str) -> None:
+        """Queue a check of every block of a backup (blockvault extension)."""
+        with self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id)
+            if backup.status not in ("available", "error"):
+                raise invalid_backup(
+                    f"Backup status must be available or error to verify, not {backup.status}."
+                )
+            queue_job(s, "verify", backup_id)
+        self.wake_workers()
+
+    def verification(self, ctx: RequestContext, backup_id: str) -> Job | None:
+        """The latest verify job of a backup, if any."""
+        with self.db.session() as s:
+            visible_backup(s, ctx, backup_id)
+            return s.scalars(
+                select(Job)
+                .where(Job.backup_id == backup_id, Job.kind == "verify")
+                .order_by(Job.created_at.desc())
+            ).first()
 
     # -- create -------------------------------------------------------------------------
 

@@ -48,6 +48,11 @@ def sweep_orphans(db: Database) -> None:
         for vol in s.scalars(select(Volume).where(Volume.status == "backing-up", ~busy_vols)):
             vol.status = vol.previous_status or "available"
             vol.previous_status = "error_backing-up"
+        # A write through the data API never outlives its process.
+        s.execute(
+            update(Volume).where(Volume.status == "uploading")
+            .values(status="available", updated_at=utcnow())
+        )
         busy_snaps = exists().where(
             Backup.snapshot_id == Snapshot.id, Backup.status == "creating",
             Backup.deleted.is_(False),

@@ -237,23 +237,27 @@ class VolumeService:
     ) -> int:
         """Write bytes into an ``available`` volume at ``offset``.
 
-        The volume is marked ``uploading``-free: writes are checked against the status
-        before and the size bound during the write, so a backup cannot start halfway.
+        The volume is ``uploading`` while the write runs (one conditional UPDATE), so a
+        backup can never start halfway through a write, nor two writes interleave.
         """
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id)
-            if vol.status != "available":
+            size = vol.size * GiB
+            if offset < 0 or offset > size or (length is not None and offset + length > size):
+                raise invalid_input(
+                    f"Write of {length if length is not None else 'unknown'} bytes at offset "
+                    f"{offset} is past the end of volume {volume_id} ({size} bytes)."
+                )
+            if not set_volume_status(s, volume_id, ("available",), status="uploading"):
                 raise Conflict(
                     f"Volume {volume_id} must be available to write data, but its status is "
                     f"{vol.status}."
                 )
-            size = vol.size * GiB
-        if offset < 0 or offset > size or (length is not None and offset + length > size):
-            raise invalid_input(
-                f"Write of {length if length is not None else 'unknown'} bytes at offset "
-                f"{offset} is past the end of volume {volume_id} ({size} bytes)."
-            )
-        return self.driver.write(volume_id, offset, _bounded(chunks, size - offset, volume_id))
+        try:
+            return self.driver.write(volume_id, offset, _bounded(chunks, size - offset, volume_id))
+        finally:
+            with self.db.session() as s:
+                set_volume_status(s, volume_id, ("uploading",), status="available")
 
     def read_data(
         self, ctx: RequestContext, volume_id: str, start: int, end: int | None

@@ -8,6 +8,8 @@ import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from blockvault.volume.changes import ChangeMap
+
 GiB = 1024**3
 _COPY_BUF = 4 * 1024 * 1024
 
@@ -23,6 +25,10 @@ class RawFileDriver:
     def snapshot_path(self, snapshot_id: str) -> Path:
         return self.root / "snapshots" / f"{snapshot_id}.raw"
 
+    def changes(self, volume_id: str) -> ChangeMap:
+        """Writes through :meth:`write` since the last full-volume backup."""
+        return ChangeMap(self.root / f"{volume_id}.changes", self.volume_path(volume_id))
+
     def create(self, volume_id: str, size_gib: int) -> Path:
         path = self.volume_path(volume_id)
         with open(path, "wb") as f:
@@ -31,9 +37,11 @@ class RawFileDriver:
 
     def extend(self, volume_id: str, size_gib: int) -> None:
         os.truncate(self.volume_path(volume_id), size_gib * GiB)
+        self.changes(volume_id).invalidate()
 
     def delete(self, volume_id: str) -> None:
         self.volume_path(volume_id).unlink(missing_ok=True)
+        self.changes(volume_id).invalidate()
 
     def write(self, volume_id: str, offset: int, chunks: Iterable[bytes]) -> int:
         """Write ``chunks`` at ``offset``; returns the number of bytes written."""
@@ -49,6 +57,8 @@ class RawFileDriver:
             os.fsync(fd)
         finally:
             os.close(fd)
+            if written:
+                self.changes(volume_id).record_write(offset, written)
         return written
 
     def read(self, volume_id: str, start: int, end: int) -> Iterator[bytes]:
