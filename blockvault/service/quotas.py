@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, QuotaLimit, Snapshot, Volume
@@ -26,6 +26,13 @@ class QuotaDefaults:
 class Quotas:
     def __init__(self, defaults: QuotaDefaults) -> None:
         self.defaults = defaults
+
+    @staticmethod
+    def _serialize(s: Session, project_id: str) -> None:
+        """Make check-then-insert atomic per project across processes. SQLite already
+        serialises writers (BEGIN IMMEDIATE); PostgreSQL needs a transaction-scoped lock."""
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:p))"), {"p": project_id})
 
     def limits(self, s: Session, project_id: str) -> dict[str, int]:
         limits = {r: getattr(self.defaults, r) for r in RESOURCES}
@@ -77,6 +84,7 @@ class Quotas:
     # -- checks: called inside the transaction that inserts the counted row -------------
 
     def check_backup(self, s: Session, project_id: str, size: int) -> None:
+        self._serialize(s, project_id)
         limits, used = self.limits(s, project_id), self.usage(s, project_id)
         if _over(limits["backups"], used["backups"], 1):
             raise OverQuota(
@@ -92,6 +100,7 @@ class Quotas:
             )
 
     def check_volume(self, s: Session, project_id: str, size: int) -> None:
+        self._serialize(s, project_id)
         limits, used = self.limits(s, project_id), self.usage(s, project_id)
         if _over(limits["volumes"], used["volumes"], 1):
             raise OverQuota(
@@ -102,6 +111,7 @@ class Quotas:
         self._check_gigabytes(limits, used, size)
 
     def check_snapshot(self, s: Session, project_id: str, size: int) -> None:
+        self._serialize(s, project_id)
         limits, used = self.limits(s, project_id), self.usage(s, project_id)
         if _over(limits["snapshots"], used["snapshots"], 1):
             raise OverQuota(
@@ -111,6 +121,7 @@ class Quotas:
         self._check_gigabytes(limits, used, size)
 
     def check_extend(self, s: Session, project_id: str, delta: int) -> None:
+        self._serialize(s, project_id)
         self._check_gigabytes(self.limits(s, project_id), self.usage(s, project_id), delta)
 
     @staticmethod
