@@ -43,6 +43,8 @@ class Settings:
     quota_backup_gigabytes: int = 1000
     # Object store
     store: str = "local"
+    #: root of the local store's containers; empty means data_dir/store
+    local_store_dir: str = ""
     swift_auth_url: str = ""
     swift_user: str = ""
     swift_key: str = ""

@@ -27,14 +27,21 @@ def _get(settings: Any, name: str, default: Any = None) -> Any:
 def make_inner_backend(settings: Any) -> Backend:
     """The configured backend without the retry wrapper."""
     kind = str(_get(settings, "store", "local")).strip().lower()
-    pool_size = int(_get(settings, "store_pool_size", DEFAULT_POOL_SIZE))
+    # Enough connections for every concurrent upload of every worker, so no upload
+    # waits for a connection.
+    concurrent = int(_get(settings, "upload_concurrency", 4)) * int(
+        _get(settings, "backup_workers", 2))
+    pool_size = max(int(_get(settings, "store_pool_size", DEFAULT_POOL_SIZE)), concurrent)
     if kind == "local":
         from blockvault.store.local import LocalBackend
 
-        data_dir = _get(settings, "data_dir")
-        if data_dir is None:
-            raise ValueError("store = 'local' needs data_dir (the store lives in data_dir/store)")
-        return LocalBackend(Path(data_dir) / "store")
+        root = _get(settings, "local_store_dir")
+        if root is None:
+            data_dir = _get(settings, "data_dir")
+            if data_dir is None:
+                raise ValueError("store = 'local' needs local_store_dir or data_dir")
+            root = Path(data_dir) / "store"
+        return LocalBackend(Path(root))
     if kind == "swift":
         from blockvault.store.swift import SwiftBackend
 
