@@ -110,3 +110,32 @@ def test_incremental_with_tracked_writes_is_exact(server, alice):
     inc2 = alice.create_backup(vol, incremental=True)
     assert alice.volume_sha256(alice.restore(inc)) == h
     assert alice.volume_sha256(alice.restore(inc2)) == h2
+
+
+def test_delete_during_running_backup_then_everything_is_freed(server, alice):
+    """A delete while another backup (deduplicating against it) runs frees nothing that
+    backup needs; once all backups are gone, so is every pack."""
+    before = set(_packs(server))
+    shared = os.urandom(48 * MiB)
+    v1, v2 = alice.create_volume(1), alice.create_volume(1)
+    alice.write(v1, 0, shared)
+    b1 = alice.create_backup(v1)
+    alice.write(v2, 0, shared)  # same content: v2's backup reuses b1's packs
+    for i in range(1, 8):
+        alice.write(v2, i * 64 * MiB, os.urandom(32 * MiB))
+    h2 = alice.volume_sha256(v2)
+    b2 = alice.create_backup(v2, wait=False)
+    deadline = time.monotonic() + 30
+    while alice.get(f"/backups/{b2}/progress").json()["progress"]["job_state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert alice.delete(f"/backups/{b1}").status_code == 202
+    alice.wait("backup", b1, {"deleted"})
+    assert alice.wait("backup", b2, {"available", "error"})["status"] == "available"
+    assert alice.volume_sha256(alice.restore(b2)) == h2
+    assert alice.delete(f"/backups/{b2}").status_code == 202
+    alice.wait("backup", b2, {"deleted"})
+    deadline = time.monotonic() + 10
+    while set(_packs(server)) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(_packs(server)) - before == set()

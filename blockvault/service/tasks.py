@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -63,6 +64,10 @@ class Tasks:
         self.availability_zone = availability_zone
         self.service_name = service_name
         self.host = host
+        # Containers whose garbage collection was (or may have been) skipped because a
+        # backup was running there; collected once no backup runs in them any more.
+        self._gc_owed: set[str] = set()
+        self._gc_mu = threading.Lock()
 
     def handlers(self) -> dict[str, Callable[[Job], None]]:
         return {
@@ -163,11 +168,13 @@ class Tasks:
             log.info("backup %s cancelled", job.backup_id)
             with self.db.session() as s:
                 self._release_source(s, job)
+            self._collect_garbage(container, owed=True)  # packs it uploaded are garbage now
             return
         except Exception as exc:
             log.warning("backup %s failed: %s", job.backup_id, exc, exc_info=not isinstance(
                 exc, StoreError | EngineError))
             self.fail(job, fail_reason(exc))
+            self._collect_garbage(container, owed=True)
             return
         with self.db.session() as s:
             won = set_backup_status(
@@ -182,6 +189,7 @@ class Tasks:
                     .values(num_dependent_backups=Backup.num_dependent_backups + 1)
                 )
             self._release_source(s, job)
+        self._collect_garbage(container)
 
     def _release_source(self, s: Any, job: Job, failed: bool = False) -> None:
         """Put the volume (or snapshot) back to the status it had before the backup."""
@@ -258,6 +266,10 @@ class Tasks:
         try:
             if container:
                 self.engine.delete(container=container, backup_id=job.backup_id)
+                # The engine skips collection while a backup runs in the container.
+                if self._backup_running_in(container):
+                    with self._gc_mu:
+                        self._gc_owed.add(container)
         except Exception as exc:
             log.warning("delete of backup %s failed: %s", job.backup_id, exc)
             self.fail(job, fail_reason(exc))
@@ -274,6 +286,34 @@ class Tasks:
                     .where(Backup.id == backup.parent_id, Backup.num_dependent_backups > 0)
                     .values(num_dependent_backups=Backup.num_dependent_backups - 1)
                 )
+
+    # -- garbage collection -------------------------------------------------------------------
+
+    def _backup_running_in(self, container: str) -> bool:
+        with self.db.session() as s:
+            return s.scalar(
+                select(Backup.id).where(Backup.container == container,
+                                        Backup.status == "creating").limit(1)
+            ) is not None
+
+    def _collect_garbage(self, container: str, owed: bool = False) -> None:
+        """Collect ``container`` if a collection is owed and no backup runs there now.
+        Best effort: garbage only costs space, and the next attempt collects it."""
+        with self._gc_mu:
+            if owed:
+                self._gc_owed.add(container)
+            if container not in self._gc_owed:
+                return
+        if self._backup_running_in(container):
+            return
+        try:
+            done = self.engine.collect_garbage(container=container)
+        except (StoreError, EngineError) as exc:
+            log.warning("garbage collection in %s failed: %s", container, exc)
+            return
+        if done:
+            with self._gc_mu:
+                self._gc_owed.discard(container)
 
     # -- import -----------------------------------------------------------------------------
 
