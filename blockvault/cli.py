@@ -267,5 +267,63 @@ def backup_delete(client: Client, backup_id: str) -> None:
     client.call("DELETE", f"/backups/{backup_id}")
 
 
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="The server's TOML configuration (for the store and the key).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--container", default=None, help="Container to scan (default: the default).")
+@click.option("--url", envvar="BLOCKVAULT_URL", default=DEFAULT_URL, show_default=True)
+@click.option("--token", envvar="BLOCKVAULT_TOKEN", default="admin:admin", show_default=True,
+              help="An admin's user:project token.")
+@click.option("--dry-run", is_flag=True, help="Only list the backups found.")
+def recover(config_file: str | None, data_dir: str | None, container: str | None, url: str,
+            token: str, dry_run: bool) -> None:
+    """Re-import every backup recorded in a container into a running service.
+
+    For a deployment that lost its database: each backup's record in the object store is
+    imported through the API's import_record, as an admin; backups already known are kept.
+    """
+    import base64
+
+    from blockvault.config import load_settings
+    from blockvault.engine import EngineError
+    from blockvault.server import make_engine
+    from blockvault.store import StoreError
+    from blockvault.store.factory import backup_service_name, make_backend
+
+    settings = load_settings(config_file, data_dir=data_dir)
+    container = container or settings.default_container
+    backend = make_backend(settings)
+    engine = make_engine(settings, backend)
+    client = None if dry_run else Client(url, token)
+    service = backup_service_name(backend.kind)
+    imported = skipped = 0
+    try:
+        names = sorted(backend.open(container, create=False).list("records/"))
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name in names:
+        backup_id = name[len("records/"):]
+        try:
+            record = engine.read_record(container=container, backup_id=backup_id)
+        except (EngineError, StoreError) as exc:
+            click.echo(f"{backup_id}: unreadable record: {exc}", err=True)
+            continue
+        if client is None:
+            click.echo(f"{backup_id}  {record.get('display_name') or ''}")
+            continue
+        backup_url = base64.b64encode(json.dumps(record).encode()).decode("ascii")
+        resp = client.http.post(f"{client.base}/backups/import_record", json={
+            "backup-record": {"backup_service": service, "backup_url": backup_url}})
+        if resp.status_code == 201:
+            imported += 1
+            click.echo(f"{backup_id}: imported")
+        else:
+            skipped += 1
+            click.echo(f"{backup_id}: skipped ({resp.status_code} {resp.text.strip()})", err=True)
+    if client is not None:
+        click.echo(f"{imported} imported, {skipped} skipped", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -30,10 +30,27 @@ from blockvault.service.quotas import QuotaDefaults, Quotas
 from blockvault.service.recovery import sweep_orphans
 from blockvault.service.tasks import Tasks
 from blockvault.service.volumes import VolumeService
+from blockvault.store import Backend
 from blockvault.store.factory import backup_service_name, make_backend
 from blockvault.volume import RawFileDriver
 
 log = logging.getLogger("blockvault")
+
+
+def make_engine(settings: Settings, backend: Backend) -> Engine:
+    return Engine(
+        backend,
+        settings.cache_dir,
+        EngineConfig(
+            block_size=settings.block_size,
+            pack_size=settings.pack_size,
+            compression=settings.compression,
+            zstd_level=settings.zstd_level,
+            workers=settings.engine_workers,
+            upload_concurrency=settings.upload_concurrency,
+            encryption_key=settings.encryption_key_bytes(),
+        ),
+    )
 
 
 class Services:
@@ -45,19 +62,7 @@ class Services:
         self.db = Database(settings.db_url)
         self.db.upgrade()
         self.backend = make_backend(settings)
-        self.engine = Engine(
-            self.backend,
-            settings.cache_dir,
-            EngineConfig(
-                block_size=settings.block_size,
-                pack_size=settings.pack_size,
-                compression=settings.compression,
-                zstd_level=settings.zstd_level,
-                workers=settings.engine_workers,
-                upload_concurrency=settings.upload_concurrency,
-                encryption_key=settings.encryption_key_bytes(),
-            ),
-        )
+        self.engine = make_engine(settings, self.backend)
         self.driver = RawFileDriver(settings.volumes_dir)
         self.quotas = Quotas(
             QuotaDefaults(

@@ -36,6 +36,13 @@ SNAPSHOT_LIST = ListSpec(
 )
 
 
+_NOT_DELETABLE = (
+    "Volume status must be available or error or error_restoring or error_extending or "
+    "error_managing and must not be migrating, attached, belong to a group, have snapshots or "
+    "be disassociated from snapshots after volume transfer."
+)
+
+
 def visible_volume(s: Session, ctx: RequestContext, volume_id: str, lock: bool = False) -> Volume:
     stmt = select(Volume).where(Volume.id == volume_id, Volume.deleted.is_(False))
     if not ctx.is_admin:
@@ -164,13 +171,6 @@ class VolumeService:
     def delete(self, ctx: RequestContext, volume_id: str, cascade: bool = False) -> None:
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id, lock=True)
-            if vol.status not in ("available", "error", "error_restoring", "error_extending"):
-                raise invalid_volume(
-                    "Volume status must be available or error or error_restoring or "
-                    f"error_extending or error_managing and must not be migrating, attached, "
-                    f"belong to a group, have snapshots or be disassociated from snapshots "
-                    f"after volume transfer."
-                )
             snaps = list(
                 s.scalars(
                     select(Snapshot).where(
@@ -178,13 +178,9 @@ class VolumeService:
                     )
                 )
             )
-            if snaps and not cascade:
-                raise invalid_volume(
-                    "Volume status must be available or error or error_restoring or "
-                    "error_extending or error_managing and must not be migrating, attached, "
-                    "belong to a group, have snapshots or be disassociated from snapshots after "
-                    "volume transfer."
-                )
+            deletable = ("available", "error", "error_restoring", "error_extending")
+            if vol.status not in deletable or (snaps and not cascade):
+                raise invalid_volume(_NOT_DELETABLE)
             now = utcnow()
             for snap in snaps:
                 snap.deleted, snap.deleted_at, snap.status = True, now, "deleted"
