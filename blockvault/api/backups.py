@@ -63,7 +63,7 @@ def create(call: Call) -> Response:
 
 def update(call: Call) -> Response:
     schemas.validate(schemas.backup_update(call.version), call.body)
-    b = call.body["backup"] or {}
+    b = call.body["backup"]
     changes = {}
     if "name" in b:
         changes["display_name"] = schemas.strip(b["name"])
@@ -82,7 +82,7 @@ def delete(call: Call) -> Response:
 
 def restore(call: Call) -> Response:
     schemas.validate(schemas.restore, call.body)
-    r = call.body["restore"] or {}
+    r = call.body["restore"]
     target = call.services.backups.restore(
         call.ctx, call.path["backup_id"], r.get("volume_id"), schemas.strip(r.get("name"))
     )

@@ -61,11 +61,12 @@ def backup_update(version: tuple[int, int]) -> dict:
     props: dict[str, Any] = {"name": name, "description": description}
     if version >= (3, 43):
         props["metadata"] = metadata
-    return _obj({"backup": _obj(props, nullable=True)}, ("backup",))
+    # Cinder's schema lets {"backup": null} through and then crashes (500): refuse it.
+    return _obj({"backup": _obj(props)}, ("backup",))
 
 
-restore = _obj({"restore": _obj({"name": name, "volume_id": uuid_allow_null}, nullable=True)},
-               ("restore",))
+# Cinder's schema lets {"restore": null} through and then crashes (500): refuse it.
+restore = _obj({"restore": _obj({"name": name, "volume_id": uuid_allow_null})}, ("restore",))
 import_record = _obj(
     {
         "backup-record": _obj(
