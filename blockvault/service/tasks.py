@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from blockvault.db.models import Backup, Job, Snapshot, Volume, utcnow
 from blockvault.db.session import Database
 from blockvault.engine import Engine
-from blockvault.engine.errors import Cancelled, EngineError
+from blockvault.engine.errors import Cancelled, EngineError, KeyMismatch
 from blockvault.service.backups import (
     backup_record,
     parse_record_datetime,
@@ -342,6 +342,12 @@ class Tasks:
                     f"Import record failed: no backup data for {source_id} in container "
                     f"{container}."
                 )
+            try:  # proves the configured key opens the container, before claiming success
+                self.engine.read_record(container=container, backup_id=source_id)
+            except KeyMismatch:
+                raise
+            except EngineError:
+                pass  # a missing record is no reason to refuse: the manifest is what restores
             if source_id != job.backup_id:
                 # Each backup owns its own manifest, so deleting one copy of an
                 # export/import pair never breaks the other (packs are shared by reference).
