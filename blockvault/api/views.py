@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from blockvault.db.models import Backup, Snapshot, Volume
+from blockvault.service.volumes import DEFAULT_VOLUME_TYPE, DEFAULT_VOLUME_TYPE_ID
 
 
 def isotime(value: dt.datetime | None) -> str | None:
@@ -135,9 +136,33 @@ def volume_detail(
         view["shared_targets"] = False
         view["service_uuid"] = None
     if version >= (3, 63):
-        view["volume_type_id"] = None
+        view["volume_type_id"] = (
+            DEFAULT_VOLUME_TYPE_ID if v.volume_type == DEFAULT_VOLUME_TYPE else None
+        )
     if version >= (3, 65):
         view["consumes_quota"] = True
+    return view
+
+
+# -- volume types -----------------------------------------------------------------------------
+
+#: Cinder's default volume type, the only one blockvault has. Cinder gives it a random id at
+#: install time; blockvault has no type table, so its id is fixed.
+
+
+def default_volume_type(is_admin: bool) -> dict[str, Any]:
+    """Cinder's v3 type view: extra specs are shown (none here), ``qos_specs_id`` only to
+    admins, ``os-volume-type-access:is_public`` from the type-access extension."""
+    view: dict[str, Any] = {
+        "id": DEFAULT_VOLUME_TYPE_ID,
+        "name": DEFAULT_VOLUME_TYPE,
+        "is_public": True,
+        "description": "Default Volume Type",
+        "extra_specs": {},
+        "os-volume-type-access:is_public": True,
+    }
+    if is_admin:
+        view["qos_specs_id"] = None
     return view
 
 

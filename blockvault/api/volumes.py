@@ -12,8 +12,14 @@ from starlette.responses import Response, StreamingResponse
 from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
 from blockvault.api.http import Call, Endpoint, accepted, json_response
-from blockvault.api.views import snapshot_detail, volume_detail, volume_summary
-from blockvault.service.errors import Invalid, invalid_input
+from blockvault.api.views import (
+    default_volume_type,
+    snapshot_detail,
+    volume_detail,
+    volume_summary,
+)
+from blockvault.service.errors import Invalid, NotFound, invalid_input
+from blockvault.service.volumes import DEFAULT_VOLUME_TYPE_ID
 
 # Volume bodies are checked field by field rather than with additionalProperties=false:
 # clients send many keys this service has no use for (imageRef, multiattach, ...).
@@ -33,6 +39,7 @@ _volume_create = {
                 "volume_type": schemas.nullable_string,
                 "snapshot_id": schemas.uuid_allow_null,
                 "source_volid": schemas.uuid_allow_null,
+                "backup_id": schemas.uuid_allow_null,
             },
         }
     },
@@ -106,18 +113,27 @@ def create_volume(call: Call) -> Response:
     schemas.validate(_volume_create, body)
     v = body["volume"]
     size = v.get("size")
-    if size is None and not (v.get("snapshot_id") or v.get("source_volid")):
-        raise invalid_input("Volume size 'None' must be an integer and greater than 0.")
-    vol = call.services.volumes.create(
-        call.ctx,
-        _size(size) if size is not None else 0,
+    fields = dict(
         name=schemas.strip(v.get("name", v.get("display_name"))),
         description=schemas.strip(v.get("description", v.get("display_description"))),
         metadata=v.get("metadata"),
         availability_zone=v.get("availability_zone"),
         volume_type=v.get("volume_type"),
+    )
+    if call.version >= (3, 47) and v.get("backup_id"):  # Cinder ignores the key below 3.47
+        volume_id = call.services.backups.create_volume_from_backup(
+            call.ctx, v["backup_id"], None if size is None else _size(size), **fields
+        )
+        vol = call.services.volumes.get(call.ctx, volume_id)  # restoring-backup until done
+        return json_response(_volume(call, vol), 202)
+    if size is None and not (v.get("snapshot_id") or v.get("source_volid")):
+        raise invalid_input("Volume size 'None' must be an integer and greater than 0.")
+    vol = call.services.volumes.create(
+        call.ctx,
+        _size(size) if size is not None else 0,
         snapshot_id=v.get("snapshot_id"),
         source_volid=v.get("source_volid"),
+        **fields,
     )
     return json_response(_volume(call, vol), 202)
 
@@ -380,6 +396,61 @@ def limits(call: Call) -> Response:
     return json_response({"limits": {"rate": [], "absolute": absolute}})
 
 
+# -- volume types, availability zones, extensions ---------------------------------------------
+
+
+def list_types(call: Call) -> Response:
+    return json_response({"volume_types": [default_volume_type(call.is_admin)]})
+
+
+def show_type(call: Call) -> Response:
+    type_id = call.path["type_id"]
+    if type_id not in ("default", DEFAULT_VOLUME_TYPE_ID):
+        raise NotFound(f"Volume type {type_id} could not be found.")
+    return json_response({"volume_type": default_volume_type(call.is_admin)})
+
+
+def availability_zones(call: Call) -> Response:
+    zone = call.services.settings.availability_zone
+    return json_response(
+        {"availabilityZoneInfo": [{"zoneName": zone, "zoneState": {"available": True}}]}
+    )
+
+
+#: Cinder's extension descriptors (name, alias, description, updated) for the surfaces
+#: blockvault serves; Cinder lists more, for APIs that are not here.
+_EXTENSIONS = [
+    ("AdminActions", "os-admin-actions", "Enable admin actions.", "2012-08-25T00:00:00+00:00"),
+    ("AvailabilityZones", "os-availability-zone", "Describe Availability Zones.",
+     "2013-06-27T00:00:00+00:00"),
+    ("Backups", "backups", "Backups support.", "2012-12-12T00:00:00+00:00"),
+    ("ExtendedSnapshotAttributes", "os-extended-snapshot-attributes",
+     "Extended SnapshotAttributes support.", "2012-06-19T00:00:00+00:00"),
+    ("Quotas", "os-quota-sets", "Quota management support.", "2011-08-08T00:00:00+00:00"),
+    ("UsedLimits", "os-used-limits", "Provide data on limited resources that are being used.",
+     "2013-10-03T00:00:00+00:00"),
+    ("VolumeActions", "os-volume-actions", "Enable volume actions.",
+     "2012-05-31T00:00:00+00:00"),
+    ("VolumeHostAttribute", "os-vol-host-attr", "Expose host as an attribute of a volume.",
+     "2011-11-03T00:00:00+00:00"),
+    ("VolumeMigStatusAttribute", "os-vol-mig-status-attr",
+     "Expose migration_status as an attribute of a volume.", "2013-08-08T00:00:00+00:00"),
+    ("VolumeTenantAttribute", "os-vol-tenant-attr",
+     "Expose the internal project_id as an attribute of a volume.",
+     "2011-11-03T00:00:00+00:00"),
+    ("VolumeTypeAccess", "os-volume-type-access", "Volume type access support.",
+     "2014-06-26T00:00:00Z"),
+]
+
+
+def extensions(call: Call) -> Response:
+    return json_response({"extensions": [
+        {"alias": alias, "description": description, "links": [], "name": name,
+         "updated": updated}
+        for name, alias, description, updated in _EXTENSIONS
+    ]})
+
+
 def resource_filters(call: Call) -> Response:
     filters = [
         {"resource": "backup", "filters": ["name", "status", "volume_id"]},
@@ -415,4 +486,8 @@ ENDPOINTS = [
     Endpoint("PUT", "/os-quota-sets/{target_project_id}", update_quotas, body="json"),
     Endpoint("GET", "/limits", limits),
     Endpoint("GET", "/resource_filters", resource_filters, min_version=(3, 33)),
+    Endpoint("GET", "/types", list_types),
+    Endpoint("GET", "/types/{type_id}", show_type),
+    Endpoint("GET", "/os-availability-zone", availability_zones),
+    Endpoint("GET", "/extensions", extensions),
 ]

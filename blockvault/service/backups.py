@@ -339,6 +339,11 @@ class BackupService:
                 ctx, backup.size, name or f"restore_backup_{backup_id}"
             )
             volume_id = vol.id
+        return self._start_restore(ctx, backup_id, volume_id, target_is_new)
+
+    def _start_restore(
+        self, ctx: RequestContext, backup_id: str, volume_id: str, target_is_new: bool
+    ) -> RestoreTarget:
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id, lock=True)
             self._check_restorable(backup)
@@ -358,6 +363,28 @@ class BackupService:
             result = RestoreTarget(backup_id, volume_id, vol.display_name)
         self.wake_workers()
         return result
+
+    def create_volume_from_backup(
+        self, ctx: RequestContext, backup_id: str, size: int | None, **volume: Any
+    ) -> str:
+        """A new volume holding a backup's data (volume create with ``backup_id``, 3.47):
+        created at once, then restored into like any restore target. Returns its id."""
+        backup = self.get(ctx, backup_id)
+        if backup.status != "available":
+            raise invalid_backup(f"Backup status must be available and not {backup.status}.")
+        self._check_restorable(backup)
+        size = backup.size if size is None else size
+        if size < backup.size:
+            raise invalid_volume(
+                f"volume size {size} is too small to restore backup of size {backup.size}."
+            )
+        vol = self.volumes.create(ctx, size, **volume)
+        try:
+            self._start_restore(ctx, backup_id, vol.id, target_is_new=True)
+        except Exception:
+            self.volumes.delete(ctx, vol.id)
+            raise
+        return vol.id
 
     @staticmethod
     def _check_restorable(backup: Backup) -> None:

@@ -22,6 +22,10 @@ from blockvault.volume import RawFileDriver
 
 GiB = 1024**3
 
+#: The one volume type, as Cinder names its default type.
+DEFAULT_VOLUME_TYPE = "__DEFAULT__"
+DEFAULT_VOLUME_TYPE_ID = "e53eb586-12c6-5cbe-b26d-d3f849618c8b"
+
 VOLUME_LIST = ListSpec(
     Volume,
     ("name", "status", "metadata", "bootable", "availability_zone", "volume_type"),
@@ -100,6 +104,8 @@ class VolumeService:
         snapshot_id: str | None = None,
         source_volid: str | None = None,
     ) -> Volume:
+        if volume_type not in (None, DEFAULT_VOLUME_TYPE, DEFAULT_VOLUME_TYPE_ID):
+            raise NotFound(f"Volume type with name {volume_type} could not be found.")
         if availability_zone and availability_zone != self.availability_zone:
             raise invalid_input(f"Availability zone '{availability_zone}' is invalid.")
         with self.db.session() as s:
@@ -134,7 +140,7 @@ class VolumeService:
                 metadata_=dict(metadata or {}),
                 status="creating",
                 availability_zone=self.availability_zone,
-                volume_type=volume_type or "__DEFAULT__",
+                volume_type=DEFAULT_VOLUME_TYPE,
                 snapshot_id=snapshot_id,
                 source_volid=source_volid,
             )
