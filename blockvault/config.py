@@ -65,7 +65,7 @@ class Settings:
     block_size: int = 32768
     pack_size: int = 16 * 1024 * 1024
     compression: str = "zstd"
-    zstd_level: int = 3
+    zstd_level: int = 1
     engine_workers: int = 0
     upload_concurrency: int = 4
     #: Path of a file holding the 32-byte encryption key (raw or hex); empty = no encryption.

@@ -8,7 +8,7 @@ from tests.swift_fixture import swift_server  # noqa: F401  (registers the fixtu
 STORES = ["local", "swift", "s3"]
 
 
-def store_env(store: str, saio) -> dict[str, str]:  # noqa: ANN001
+def store_env(store: str, saio) -> dict[str, str]:
     """Settings that point a blockvault server at the test Swift (or its S3 API)."""
     if store == "swift":
         return {

@@ -207,7 +207,8 @@ def test_backing_up_volume_refuses_second_backup(alice):
         ({}, "'backup' is a required property"),
         (
             {"backup": {}},
-            "Invalid input for field/attribute backup. Value: {}. 'volume_id' is a required property",
+            "Invalid input for field/attribute backup. Value: {}. "
+            "'volume_id' is a required property",
         ),
         (
             {"backup": {"volume_id": "nope"}},

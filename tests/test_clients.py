@@ -33,8 +33,8 @@ pytest.importorskip(
 ks_loading = pytest.importorskip("keystoneauth1.loading")
 ks_session = pytest.importorskip("keystoneauth1.session")
 
-from openstack import connection as os_connection
-from openstack import exceptions as os_exc
+from openstack import connection as os_connection  # noqa: E402  (after the importorskips)
+from openstack import exceptions as os_exc  # noqa: E402
 
 MiB = 1024 * 1024
 

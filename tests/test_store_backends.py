@@ -350,7 +350,7 @@ def test_proxy_restarted_within_budget(kind, saio, tmp_path):
         time.sleep(1.0)
         try:
             saio.start()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=restart)

@@ -6,11 +6,11 @@ from starlette.responses import Response
 
 from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
-from blockvault.api.http import Call, Endpoint, accepted, json_response
+from blockvault.api.http import Call, Endpoint, accepted, json_response, list_response
 from blockvault.api.views import backup_detail, backup_summary, isotime
 
 
-def _summary(call: Call, backup) -> dict:  # noqa: ANN001
+def _summary(call: Call, backup) -> dict:
     return {"backup": backup_summary(backup, call.links)}
 
 
@@ -28,14 +28,7 @@ def _list(call: Call, detail: bool) -> Response:
         items = [backup_detail(b, call.links, call.version, call.is_admin) for b in page.items]
     else:
         items = [backup_summary(b, call.links) for b in page.items]
-    body: dict = {"backups": items}
-    if page.count is not None:
-        body["count"] = page.count
-    if page.has_next:
-        body["backups_links"] = [
-            call.links.next("backups", detail, call.query, page.items[-1].id)
-        ]
-    return json_response(body)
+    return list_response(call, "backups", page, items, detail)
 
 
 def show(call: Call) -> Response:

@@ -181,6 +181,18 @@ def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project
     return endpoint
 
 
+def list_response(call: Call, collection: str, page: Any, items: list, detail: bool) -> Response:
+    """A list body with Cinder's ``count`` and ``<collection>_links`` (reference §6.3)."""
+    body: dict = {collection: items}
+    if page.count is not None:
+        body["count"] = page.count
+    if page.has_next:
+        body[f"{collection}_links"] = [
+            call.links.next(collection, detail, call.query, page.items[-1].id)
+        ]
+    return JSONResponse(body)
+
+
 def json_response(body: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status)
 

@@ -11,7 +11,7 @@ from starlette.responses import Response, StreamingResponse
 
 from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
-from blockvault.api.http import Call, Endpoint, accepted, json_response
+from blockvault.api.http import Call, Endpoint, accepted, json_response, list_response
 from blockvault.api.views import (
     default_volume_type,
     snapshot_detail,
@@ -104,7 +104,7 @@ def _size(value: Any) -> int:
 # -- volumes ----------------------------------------------------------------------------
 
 
-def _volume(call: Call, vol) -> dict:  # noqa: ANN001
+def _volume(call: Call, vol) -> dict:
     return {"volume": volume_detail(vol, call.links, call.version, call.is_admin)}
 
 
@@ -152,12 +152,7 @@ def _list_volumes(call: Call, detail: bool) -> Response:
         items = [volume_detail(v, call.links, call.version, call.is_admin) for v in page.items]
     else:
         items = [volume_summary(v, call.links) for v in page.items]
-    body: dict = {"volumes": items}
-    if page.count is not None:
-        body["count"] = page.count
-    if page.has_next:
-        body["volumes_links"] = [call.links.next("volumes", detail, call.query, page.items[-1].id)]
-    return json_response(body)
+    return list_response(call, "volumes", page, items, detail)
 
 
 def show_volume(call: Call) -> Response:
@@ -248,7 +243,7 @@ class _SyncStream:
 
         self._from_thread = anyio.from_thread
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return self
 
     def __next__(self) -> bytes:
@@ -287,7 +282,7 @@ async def read_data(call: Call) -> Response:
 # -- snapshots ---------------------------------------------------------------------------
 
 
-def _snapshot(call: Call, snap) -> dict:  # noqa: ANN001
+def _snapshot(call: Call, snap) -> dict:
     return {"snapshot": snapshot_detail(snap, call.links, call.version, call.is_admin)}
 
 
@@ -317,14 +312,7 @@ def list_snapshots_detail(call: Call) -> Response:
 def _list_snapshots(call: Call, detail: bool) -> Response:
     page = call.services.volumes.list_snapshots(call.ctx, call.query, call.version)
     items = [snapshot_detail(s, call.links, call.version, call.is_admin) for s in page.items]
-    body: dict = {"snapshots": items}
-    if page.count is not None:
-        body["count"] = page.count
-    if page.has_next:
-        body["snapshots_links"] = [
-            call.links.next("snapshots", detail, call.query, page.items[-1].id)
-        ]
-    return json_response(body)
+    return list_response(call, "snapshots", page, items, detail)
 
 
 def show_snapshot(call: Call) -> Response:

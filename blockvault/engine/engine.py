@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from blockvault.engine.format import (
     CONFIG_NAME,
     FORMAT_VERSION,
     MANIFEST_ENTRY,
+    SEGMENT_ENTRIES,
     ContainerConfig,
     ManifestBuilder,
     ManifestReader,
@@ -58,6 +59,7 @@ _RESTORE_RUN_MAX = 4 * 1024 * 1024  # largest coalesced range GET (and decoded r
 _RESTORE_GAP_MAX = 256 * 1024  # read through gaps this small instead of splitting a GET
 _PROGRESS_EVERY = 0.5  # seconds between progress callbacks
 _IOV_MAX = 512
+_INFLIGHT_PACK_BYTES = 32 * 1024 * 1024
 
 
 class _MissingObject(DataError):
@@ -110,6 +112,16 @@ try:
 except (OSError, AttributeError):
     _fallocate = None
 
+# Read buffers (4 MiB) and packs (up to 16 MiB) are allocated and freed all the time. With
+# glibc's default dynamic mmap threshold they end up on the heap, whose freed space is
+# kept by the process; a fixed threshold makes every buffer >= 8 MiB its own mapping, given
+# back to the OS when freed, so the service's RSS stays near the pipeline's live data.
+_M_MMAP_THRESHOLD = -3
+try:
+    _libc.mallopt(_M_MMAP_THRESHOLD, 8 * 1024 * 1024)
+except (NameError, AttributeError):
+    pass
+
 _ZEROS = bytes(1024 * 1024)
 
 
@@ -158,6 +170,22 @@ def _runs(entries: Iterator[tuple], block_size: int,
         run.end = off + length
     if run is not None:
         yield run
+
+
+def _block_ranges(changed: Sequence[tuple[int, int]], size: int, bs: int) -> (
+    list[tuple[int, int]]
+):
+    """Byte ranges -> sorted, merged [first block, end block) ranges within the volume."""
+    rs = sorted((max(0, off) // bs, -(-min(size, off + n) // bs))
+                for off, n in changed if n > 0 and off < size and off + n > 0)
+    out: list[tuple[int, int]] = []
+    for a, b in rs:
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def _raw_entries(m: ManifestReader) -> Iterator[tuple]:
@@ -314,7 +342,16 @@ class Engine:
     def backup(self, *, container: str, backup_id: str, source: Path, size: int,
                parent_id: str | None = None, record: dict | None = None,
                progress: Progress | None = None,
-               cancelled: Callable[[], bool] | None = None) -> BackupResult:
+               cancelled: Callable[[], bool] | None = None,
+               changed: Sequence[tuple[int, int]] | None = None) -> BackupResult:
+        """Back up ``size`` bytes of ``source`` as ``backup_id``.
+
+        ``changed`` (with ``parent_id``) is the caller's promise that only those byte ranges
+        (offset, length) may differ from the parent backup's data: every block outside them
+        is taken from the parent's manifest without reading the source. It is ignored (a
+        normal full read) when the parent is missing, unreadable or of another size or block
+        size.
+        """
         _check_id(backup_id)
         if parent_id is not None:
             _check_id(parent_id)
@@ -332,7 +369,7 @@ class Engine:
                     progress(0, size, "index")
                 index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled)
                 run = _BackupRun(self, c, container, cfg, index, writer, lock, cancelled)
-                result = run.run(backup_id, Path(source), size, parent_id, progress)
+                result = run.run(backup_id, Path(source), size, parent_id, progress, changed)
                 if record is not None:
                     rec = self._encode_record(cfg, backup_id, record)
                     c.put(record_object(backup_id), rec)
@@ -574,82 +611,122 @@ class _BackupRun:
         self.compress = ec.compression == "zstd"
         self.pack_size = ec.pack_size
         self.upload_limit = ec.upload_concurrency
+        # Sealed packs held in memory while uploading: bounded in bytes as well as count, so
+        # peak memory does not scale with pack_size x upload_concurrency.
+        self.inflight_limit = max(1, min(ec.upload_concurrency,
+                                         _INFLIGHT_PACK_BYTES // max(1, ec.pack_size)))
         self.depth = max(2, min(2 * engine.workers, 6))
         # pack being built
         self.seq = 0
         self.open_blobs: list[bytes] = []
         self.open_entries: list[tuple[bytes, int, int, int, int]] = []
-        self.open_map: dict[bytes, tuple[int, int, int]] = {}
+        self.open_ids: list[bytes] = []
         self.open_size = 0
         # sealed packs being uploaded: seq -> {id: (off, len, codec)}
-        self.inflight: dict[int, dict[bytes, tuple[int, int, int]]] = {}
+        self.inflight: dict[int, list[bytes]] = {}
+        # blocks of this backup not yet in the index (open pack + packs being uploaded):
+        # id -> (local pack seq, offset, length, codec). Read by workers, written here.
+        self.unindexed: dict[bytes, tuple[int, int, int, int]] = {}
+        self.out: list[bytes] = []  # pending manifest records, written in batches
         self.uploads: deque[tuple[Future, int]] = deque()
         self.pack_names: dict[int, bytes] = {}
         self.index_mu = threading.Lock()
-        self.pending_new: set[bytes] = set()
+        self._tls = threading.local()
+        self._tls_mu = threading.Lock()
+        self._tls_indexes: list[Index] = []
         self.new_blocks = self.reused_blocks = self.nonzero_blocks = 0
         self.stored_bytes = self.object_count = 0
 
-    # -- worker-side stages ----------------------------------------------------------------
-    def _scan(self, fd: int, offset: int, length: int, readable: int) -> list[tuple]:
+    # -- worker-side stage -----------------------------------------------------------------
+    def _worker_index(self) -> Index:
+        """This worker thread's own read connection to the dedup index."""
+        idx = getattr(self._tls, "index", None)
+        if idx is None:
+            idx = self._tls.index = Index(self.engine._cache_path(self.container))
+            with self._tls_mu:
+                self._tls_indexes.append(idx)
+        return idx
+
+    def _in_flight(self, bid: bytes) -> bool:
+        """Is ``bid`` in the pack being built or in one being uploaded (not yet indexed)?"""
+        return bid in self.unindexed
+
+    def _process(self, fd: int, offset: int, length: int, readable: int,
+                 parent: dict[int, tuple] | None) -> list[tuple]:
+        """Worker: read a piece, skip zero blocks, hash, dedup (parent, index, this backup's
+        packs not yet indexed) and compress+seal what is new. One task per read so that a
+        piece crosses threads once; the calling thread only packs, in block order."""
         data = read_padded(fd, offset, length, readable)
+        if length == len(self._zero_chunk) and data == self._zero_chunk:
+            return []
         bs = self.bs
         zero = self._zero
-        out = []
-        if length == len(self._zero_chunk) and data == self._zero_chunk:
-            return out
+        mv = memoryview(data)
         block_id = self.crypto.block_id
         first = offset // bs
+        out: list[tuple | None] = []
+        todo: list[tuple] = []
         for i in range(length // bs):
-            block = data[i * bs : (i + 1) * bs]
-            if block == zero:
+            a = i * bs
+            if data.startswith(zero, a):  # all-zero block (memcmp, no copy)
                 continue
-            out.append((first + i, block_id(block), block))
-        return out
-
-    def _compress(self, items: list[tuple]) -> list[tuple]:
+            block = mv[a : a + bs]
+            bid = block_id(block)
+            idx = first + i
+            p = parent.get(idx) if parent else None
+            if p is not None and p[1] == bid:
+                out.append(("known", idx, bid, p[2], p[3], p[4], p[5], -1))
+            else:
+                todo.append((len(out), idx, bid, block))
+                out.append(None)
+        if not todo:
+            return out  # type: ignore[return-value]
+        known = self._worker_index().lookup_many([t[2] for t in todo])
         cctx = _codecs.compressor(self.level) if self.compress else None
         seal = self.crypto.seal_blob
-        out = []
-        for it in items:
-            if it[0] == "new":
-                _, idx, bid, block = it
-                data, codec = block, CODEC_NONE
+        here: set[bytes] = set()
+        for pos, idx, bid, block in todo:
+            row = known.get(bid)
+            if row is not None:
+                out[pos] = ("known", idx, bid, row[0], row[1], row[2], row[3], -1)
+            elif bid in here or self._in_flight(bid):
+                out[pos] = ("ref", idx, bid)  # packed before this block, in block order
+            else:
+                here.add(bid)
+                payload, codec = block, CODEC_NONE
                 if cctx is not None:
                     z = cctx.compress(block)
-                    if len(z) < len(block):
-                        data, codec = z, CODEC_ZSTD
-                out.append(("new", idx, bid, seal(data, bid), codec))
-            else:
-                out.append(it)
-        return out
+                    if len(z) < bs:
+                        payload, codec = z, CODEC_ZSTD
+                blob = seal(payload, bid)
+                out[pos] = ("new", idx, bid, bytes(blob) if codec == CODEC_NONE else blob,
+                            codec)
+        return out  # type: ignore[return-value]
 
     # -- calling-thread stages ------------------------------------------------------------
     def _emit(self, idx: int, bid: bytes, pack: bytes, off: int, length: int, codec: int,
               seq: int) -> None:
-        self.tmp.write(_PENDING.pack(idx, bid, pack, off, length, codec, seq))
+        self.out.append(_PENDING.pack(idx, bid, pack, off, length, codec, seq))
 
-    def _find(self, bid: bytes, known: dict | None = None) -> (
-        tuple[bytes, int, int, int, int] | None
-    ):
+    def _find(self, bid: bytes) -> tuple[bytes, int, int, int, int] | None:
         """Where this backup or the container already holds ``bid``: (pack name or b"",
         offset, length, codec, local pack seq or -1)."""
-        loc = self.open_map.get(bid)
+        loc = self.unindexed.get(bid)
         if loc is not None:
-            return (b"", loc[0], loc[1], loc[2], self.seq)
-        for seq, m in self.inflight.items():
-            loc = m.get(bid)
-            if loc is not None:
-                return (b"", loc[0], loc[1], loc[2], seq)
-        row = known.get(bid) if known is not None else self.index.lookup(bid)
+            return (b"", loc[1], loc[2], loc[3], loc[0])
+        row = self.index.lookup(bid)
         if row is not None:
             return (row[0], row[1], row[2], row[3], -1)
         return None
 
-    def _parent_at(self, idx: int) -> tuple | None:
+    def _parent_slice(self, lo: int, hi: int) -> dict[int, tuple] | None:
+        """The parent's entries for blocks [lo, hi) (streamed; earlier ones are dropped)."""
         cur = self.parent_cur
+        out: dict[int, tuple] = {}
         try:
-            while cur is not None and cur[0] < idx:
+            while cur is not None and cur[0] < hi:
+                if cur[0] >= lo:
+                    out[cur[0]] = cur
                 cur = next(self.parent_it, None)
         except (DataError, StoreError) as e:
             log.warning("parent manifest unreadable, continuing without it: %s", e)
@@ -657,42 +734,7 @@ class _BackupRun:
         self.parent_cur = cur
         if cur is None:
             self.parent_it = iter(())
-        return cur if cur is not None and cur[0] == idx else None
-
-    def _dedup(self, scanned: list[tuple], pool: ThreadPoolExecutor) -> None:
-        items: list[tuple] = []
-        has_new = False
-        todo: list[tuple] = []
-        for idx, bid, block in scanned:
-            p = self._parent_at(idx)
-            if p is not None and p[1] == bid:
-                items.append(("known", idx, bid, p[2], p[3], p[4], p[5], -1))
-            else:
-                items.append(None)
-                todo.append((len(items) - 1, idx, bid, block))
-        self.nonzero_blocks += len(scanned)
-        known = self.index.lookup_many([t[2] for t in todo]) if todo else {}
-        for pos, idx, bid, block in todo:
-            if bid in self.pending_new:
-                items[pos] = ("ref", idx, bid)
-                continue
-            loc = self._find(bid, known)
-            if loc is not None:
-                items[pos] = ("known", idx, bid, *loc)
-                continue
-            self.pending_new.add(bid)
-            items[pos] = ("new", idx, bid, block)
-            has_new = True
-        if not items:
-            return
-        if has_new:
-            self.comp_q.append(pool.submit(self._compress, items))
-        else:
-            f: Future = Future()
-            f.set_result(items)
-            self.comp_q.append(f)
-        while len(self.comp_q) > self.depth:
-            self._pack(self.comp_q.popleft().result())
+        return out or None
 
     def _pack(self, items: list[tuple]) -> None:
         for it in items:
@@ -700,24 +742,29 @@ class _BackupRun:
             if kind == "known":
                 self.reused_blocks += 1
                 self._emit(*it[1:])
-            elif kind == "ref":
-                loc = self._find(it[2])
-                if loc is None:  # cannot happen: the first copy was packed before
-                    raise EngineError(f"internal error: lost block {it[2].hex()}")
-                self.reused_blocks += 1
-                self._emit(it[1], it[2], *loc)
-            else:
+                continue
+            if kind == "new":
                 _, idx, bid, blob, codec = it
-                if self.open_blobs and self.open_size + len(blob) > self.pack_size:
-                    self._seal()
-                off = self.open_size
-                self.open_blobs.append(blob)
-                self.open_entries.append((bid, off, len(blob), self.bs, codec))
-                self.open_map[bid] = (off, len(blob), codec)
-                self.open_size += len(blob)
-                self.pending_new.discard(bid)
-                self.new_blocks += 1
-                self._emit(idx, bid, b"", off, len(blob), codec, self.seq)
+                if not self._in_flight(bid):
+                    if self.open_blobs and self.open_size + len(blob) > self.pack_size:
+                        self._seal()
+                    off = self.open_size
+                    self.open_blobs.append(blob)
+                    self.open_entries.append((bid, off, len(blob), self.bs, codec))
+                    self.open_ids.append(bid)
+                    self.unindexed[bid] = (self.seq, off, len(blob), codec)
+                    self.open_size += len(blob)
+                    self.new_blocks += 1
+                    self._emit(idx, bid, b"", off, len(blob), codec, self.seq)
+                    continue
+                # another worker compressed the same block first: keep that copy
+            loc = self._find(it[2])
+            if loc is None:  # cannot happen: the first copy was packed before
+                raise EngineError(f"internal error: lost block {it[2].hex()}")
+            self.reused_blocks += 1
+            self._emit(it[1], it[2], *loc)
+        self.tmp.write(b"".join(self.out))
+        self.out.clear()
         self._reap_uploads(block=False)
 
     def _seal(self) -> None:
@@ -726,16 +773,16 @@ class _BackupRun:
         blobs = self.open_blobs
         blobs.append(build_trailer(self.open_entries, self.crypto))
         seq = self.seq
-        self.inflight[seq] = self.open_map
+        self.inflight[seq] = self.open_ids
         idx_entries = [(bid, off, ln, codec) for bid, off, ln, _raw, codec in self.open_entries]
         fut = self.upload_pool.submit(self._upload, seq, blobs, idx_entries)
         self.uploads.append((fut, seq))
         self.open_blobs = []
         self.open_entries = []
-        self.open_map = {}
+        self.open_ids = []
         self.open_size = 0
         self.seq += 1
-        while len(self.uploads) > self.upload_limit:
+        while len(self.uploads) > self.inflight_limit:
             self._finish_upload(self.uploads.popleft())
 
     def _upload(self, seq: int, blobs: list[bytes], idx_entries: list) -> int:
@@ -754,7 +801,10 @@ class _BackupRun:
     def _finish_upload(self, up: tuple) -> None:
         fut, seq = up
         nbytes = fut.result()
-        del self.inflight[seq]
+        for bid in self.inflight.pop(seq):
+            loc = self.unindexed.get(bid)
+            if loc is not None and loc[0] == seq:
+                del self.unindexed[bid]
         self.stored_bytes += nbytes
         self.object_count += 1
 
@@ -766,9 +816,62 @@ class _BackupRun:
         if self.cancelled is not None and self.cancelled():
             raise Cancelled("backup cancelled")
 
+    def _work(self, fd: int, readable: int, nblocks: int,
+              ranges: list[tuple[int, int]] | None) -> Iterator[tuple[str, int, int]]:
+        """Units of work in block order: ("read", offset, length) or ("copy", first block,
+        end block) — the latter taken from the parent manifest without reading."""
+        bs = self.bs
+        if ranges is None:
+            for off, length in chunks(fd, readable, bs):
+                yield "read", off, length
+            return
+        prev = 0
+        for a, b in ranges:
+            if a > prev:
+                yield "copy", prev, a
+            for off, length in chunks(fd, readable, bs, start=a * bs, stop=b * bs):
+                yield "read", off, length
+            prev = b
+        if prev < nblocks:
+            yield "copy", prev, nblocks
+
+    def _copy_parent(self, lo: int, hi: int) -> None:
+        """Reuse the parent's entries for blocks [lo, hi) (unchanged by promise)."""
+        cur = self.parent_cur
+        items: list[tuple] = []
+        while cur is not None and cur[0] < hi:
+            if cur[0] >= lo:
+                items.append(("known", *cur, -1))
+                if len(items) >= SEGMENT_ENTRIES:
+                    self._queue_known(items)
+                    items = []
+            # A parent that turns unreadable here cannot be replaced by reading: fail.
+            cur = next(self.parent_it, None)
+        self.parent_cur = cur
+        if cur is None:
+            self.parent_it = iter(())
+        if items:
+            self._queue_known(items)
+
+    def _queue_known(self, items: list[tuple]) -> None:
+        f: Future = Future()
+        f.set_result(items)
+        self._queue(f)
+
+    def _queue(self, f: Future) -> None:
+        """Results enter the calling thread in block order; at most ``depth`` in flight."""
+        self.comp_q.append(f)
+        while len(self.comp_q) > self.depth:
+            self._accept(self.comp_q.popleft().result())
+
+    def _accept(self, items: list[tuple]) -> None:
+        self.nonzero_blocks += len(items)
+        self._pack(items)
+
     # -- driver ----------------------------------------------------------------------------
     def run(self, backup_id: str, source: Path, size: int, parent_id: str | None,
-            progress: Progress | None) -> BackupResult:
+            progress: Progress | None,
+            changed: Sequence[tuple[int, int]] | None = None) -> BackupResult:
         bs = self.bs
         self._zero = bytes(bs)
         self._zero_chunk = bytes(READ_CHUNK)
@@ -776,21 +879,23 @@ class _BackupRun:
         report = _Throttle(progress, size, "backup")
         self.parent_it: Iterator[tuple] = iter(())
         self.parent_cur: tuple | None = (-1,)
+        ranges: list[tuple[int, int]] | None = None
         if parent_id is not None:
             try:
                 pm = ManifestReader(self.c, parent_id, self.crypto, self.container)
                 if pm.block_size == bs:
                     self.parent_it = _raw_entries(pm)
+                    if changed is not None and pm.size == size:
+                        ranges = _block_ranges(changed, size, bs)
                 else:
                     log.info("parent %s has another block size; doing a full backup", parent_id)
             except DataError as e:
                 log.info("parent %s unusable (%s); doing a full backup", parent_id, e)
         self.comp_q: deque[Future] = deque()
-        scan_q: deque[Future] = deque()
         fd = os.open(source, os.O_RDONLY)
         try:
             self.engine.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.tmp = tempfile.TemporaryFile(  # noqa: SIM115 - closed in the finally below
+            self.tmp = tempfile.TemporaryFile(  # closed in the finally below
                 dir=self.engine.cache_dir, prefix="manifest-")
         except BaseException:
             os.close(fd)
@@ -800,17 +905,18 @@ class _BackupRun:
                                               thread_name_prefix="bv-put")
         try:
             readable = min(size, volume_length(fd))
-            for off, length in chunks(fd, readable, bs):
+            for kind, a, b in self._work(fd, readable, nblocks, ranges):
                 self._check_cancel()
                 self.lock.refresh()
-                scan_q.append(pool.submit(self._scan, fd, off, length, readable))
-                while len(scan_q) > self.depth:
-                    self._dedup(scan_q.popleft().result(), pool)
-                    report(off)
-            while scan_q:
-                self._dedup(scan_q.popleft().result(), pool)
+                if kind == "read":
+                    parent = self._parent_slice(a // bs, (a + b) // bs)
+                    self._queue(pool.submit(self._process, fd, a, b, readable, parent))
+                    report(a)
+                else:
+                    self._copy_parent(a, b)
+                    report(b * bs)
             while self.comp_q:
-                self._pack(self.comp_q.popleft().result())
+                self._accept(self.comp_q.popleft().result())
             self._check_cancel()
             self._seal()
             self._reap_uploads(block=True)
@@ -830,6 +936,8 @@ class _BackupRun:
             self.upload_pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
             self.tmp.close()
+            for idx in self._tls_indexes:
+                idx.close()
 
     def _build_manifest(self, backup_id: str, size: int, parent_id: str | None) -> bytes:
         builder = ManifestBuilder(backup_id, self.crypto)

@@ -158,7 +158,8 @@ def read_pack_entries(c: Container, name: str, crypto: Crypto, guess: int = 128 
     try:
         body = crypto.open(sealed, TRAILER_AAD)
     except SealError:
-        raise DataError(f"trailer of pack {obj} is corrupt or sealed with another key", obj) from None
+        raise DataError(f"trailer of pack {obj} is corrupt or sealed with another key",
+                        obj) from None
     if len(body) != count * TRAILER_ENTRY.size:
         raise DataError(f"trailer of pack {obj} has a wrong length", obj)
     return [PackEntry(*e) for e in TRAILER_ENTRY.iter_unpack(body)]

@@ -9,6 +9,7 @@ backups in threads or processes can share one file.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -84,10 +85,14 @@ class Index:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(
+            # One statement for the whole pack: executemany would release and re-take the
+            # GIL once per row, which stalls behind the hashing/compressing threads.
+            db.execute(
                 "INSERT OR IGNORE INTO blobs (id, pack, offset, length, codec) "
-                "VALUES (?, ?, ?, ?, ?)",
-                ((bid, name, off, ln, codec) for bid, off, ln, codec in entries),
+                "SELECT substr(?1, key * 32 + 1, 32), ?2, value ->> 0, value ->> 1, "
+                "value ->> 2 FROM json_each(?3)",
+                (b"".join(e[0] for e in entries), name,
+                 json.dumps([[off, ln, codec] for _bid, off, ln, codec in entries])),
             )
             db.execute("INSERT OR IGNORE INTO packs (name) VALUES (?)", (name,))
             db.execute("COMMIT")

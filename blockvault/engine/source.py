@@ -14,10 +14,9 @@ def volume_length(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
-    """Yield (start, stop) of regions that may hold data, skipping holes; whole file if the
-    filesystem cannot tell."""
-    pos = 0
+def _data_regions(fd: int, end: int, pos: int = 0) -> Iterator[tuple[int, int]]:
+    """Yield (start, stop) of regions of [pos, end) that may hold data, skipping holes; the
+    whole range if the filesystem cannot tell."""
     while pos < end:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -39,15 +38,16 @@ def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
         pos = stop
 
 
-def chunks(fd: int, readable: int, block_size: int, chunk: int = READ_CHUNK) -> (
-    Iterator[tuple[int, int]]
-):
+def chunks(fd: int, readable: int, block_size: int, chunk: int = READ_CHUNK,
+           start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
     """Yield (offset, length) pieces, block-aligned and at most ``chunk`` long, covering every
-    block of [0, readable) that may hold data. Blocks are never yielded twice."""
-    done = 0  # everything below this offset has been yielded or is a hole
-    for start, stop in _data_regions(fd, readable):
-        a = max(start - start % block_size, done)
-        b = -(-stop // block_size) * block_size
+    block of [start, min(stop, readable)) that may hold data (``start`` and ``stop`` are
+    block-aligned). Blocks are never yielded twice."""
+    end = readable if stop is None else min(stop, readable)
+    done = start  # everything below this offset has been yielded or is a hole
+    for rstart, rstop in _data_regions(fd, end, start):
+        a = max(rstart - rstart % block_size, done)
+        b = -(-rstop // block_size) * block_size
         while a < b:
             n = min(chunk - a % chunk, b - a)  # keep reads aligned to the chunk grid
             yield a, n

@@ -30,7 +30,11 @@ from blockvault.service.errors import (
 )
 from blockvault.service.listing import ListSpec, Page, list_resources
 from blockvault.service.quotas import Quotas
-from blockvault.service.volumes import VolumeService, set_volume_status, visible_snapshot, visible_volume
+from blockvault.service.volumes import (
+    VolumeService,
+    visible_snapshot,
+    visible_volume,
+)
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -81,7 +85,9 @@ def set_backup_status(s: Session, backup_id: str, expected: tuple[str, ...], **v
     return res.rowcount == 1
 
 
-def queue_job(s: Session, kind: str, backup_id: str, volume_id: str | None = None, **params: Any) -> None:
+def queue_job(
+    s: Session, kind: str, backup_id: str, volume_id: str | None = None, **params: Any
+) -> None:
     s.add(Job(kind=kind, backup_id=backup_id, volume_id=volume_id, params=params))
 
 

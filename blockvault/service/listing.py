@@ -109,7 +109,9 @@ def list_resources(
         if version >= (3, 31):
             bad = [k for k in filters if k not in spec.user_filters]
             if bad:
-                raise Invalid(f"Invalid filters {','.join(sorted(bad))} are found in query options.")
+                raise Invalid(
+                    f"Invalid filters {','.join(sorted(bad))} are found in query options."
+                )
         else:
             filters = {k: v for k, v in filters.items() if k in spec.user_filters}
 

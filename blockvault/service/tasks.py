@@ -4,7 +4,6 @@ conditional updates. Every handler is idempotent, so a job re-run after a crash 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -143,8 +142,6 @@ class Tasks:
         changes = self.driver.changes(backup.volume_id) if whole_volume else None
         stamp = changes.stamp() if changes else None
         hint = changes.hint(parent_id) if changes and parent_id else None
-        if "changed" not in inspect.signature(self.engine.backup).parameters:  # TEMP
-            hint = None
         try:
             result = self.engine.backup(
                 container=container,
@@ -154,7 +151,7 @@ class Tasks:
                 parent_id=parent_id,
                 progress=self._progress(job.id),
                 cancelled=self._watch(job.backup_id, "creating"),
-                **({"changed": hint} if hint is not None else {}),
+                changed=hint,
             )
             with self.db.session() as s:
                 backup = s.get(Backup, job.backup_id)
