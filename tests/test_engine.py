@@ -739,3 +739,20 @@ def test_clone_backup_survives_deleting_the_source(tmp_path):
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     engine.delete(container="c", backup_id="copy")
     assert list((tmp_path / "store" / "c").rglob("packs/*/*")) == []
+
+
+def test_lz4_and_no_compression_round_trip(tmp_path: Path) -> None:
+    src = make_volume(tmp_path / "vol")
+    stored = {}
+    for compression in ("lz4", "none"):
+        store = LocalBackend(tmp_path / f"store-{compression}")
+        eng = Engine(store, tmp_path / f"cache-{compression}",
+                     EngineConfig(compression=compression, workers=2))
+        eng.backup(container="c", backup_id="b1", source=src, size=48 * MiB)
+        dst = new_target(tmp_path / f"out-{compression}")
+        eng.restore(container="c", backup_id="b1", target=dst, target_is_new=True)
+        assert sha256_of(dst) == sha256_of(src)
+        assert eng.verify(container="c", backup_id="b1").ok
+        stored[compression] = sum(p.stat().st_size for p in packs(store))
+    assert stored["none"] > 3 * MiB  # the ~3.3 MiB of non-zero data, raw
+    assert stored["lz4"] < 0.9 * stored["none"]  # the ~1 MiB of text compresses

@@ -16,7 +16,7 @@ MAX_BLOCK_SIZE = 4 * 1024 * 1024
 class EngineConfig:
     block_size: int = 32768  # change-detection and dedup grain (power of two, 4 KiB..4 MiB)
     pack_size: int = 16 * 1024 * 1024  # target pack object size
-    compression: str = "zstd"  # "zstd" or "none"
+    compression: str = "zstd"  # "zstd", "lz4" or "none"
     zstd_level: int = 1  # measured: ~30% less CPU than 3 for <1% more bytes (docs/benchmarks.md)
     workers: int = 0  # hashing/compression threads; 0 = os.cpu_count()
     upload_concurrency: int = 4  # concurrent puts/gets
@@ -29,8 +29,9 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two between 4 KiB and 4 MiB, not {bs}")
         if not 1 <= self.pack_size <= 1024 * 1024 * 1024:
             raise ValueError("pack_size must be between 1 byte and 1 GiB")
-        if self.compression not in ("zstd", "none"):
-            raise ValueError(f"compression must be 'zstd' or 'none', not {self.compression!r}")
+        if self.compression not in ("zstd", "lz4", "none"):
+            raise ValueError(
+                f"compression must be 'zstd', 'lz4' or 'none', not {self.compression!r}")
         if self.workers < 0 or self.upload_concurrency < 1:
             raise ValueError("workers must be >= 0 and upload_concurrency >= 1")
         if self.encryption_key is not None and len(self.encryption_key) != 32:

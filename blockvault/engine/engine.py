@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
+import lz4.block
 import zstandard
 
 from blockvault.engine import locks
@@ -28,6 +29,7 @@ from blockvault.engine.config import BackupResult, EngineConfig, Progress, Verif
 from blockvault.engine.crypto import Crypto, SealError
 from blockvault.engine.errors import Cancelled, DataError, EngineError
 from blockvault.engine.format import (
+    CODEC_LZ4,
     CODEC_NONE,
     CODEC_ZSTD,
     CONFIG_NAME,
@@ -215,11 +217,13 @@ def _decode_run(c: Container, crypto: Crypto, run: _Run, block_size: int,
                 plain = crypto.open_blob(blob, bid)
                 if codec == CODEC_ZSTD:
                     raw = dctx.decompress(plain, max_output_size=block_size)
+                elif codec == CODEC_LZ4:
+                    raw = lz4.block.decompress(plain, uncompressed_size=block_size)
                 elif codec == CODEC_NONE:
                     raw = plain
                 else:
                     raise ValueError(f"unknown codec {codec}")
-            except (SealError, zstandard.ZstdError, ValueError):
+            except (SealError, zstandard.ZstdError, lz4.block.LZ4BlockError, ValueError):
                 raw = b""
             if len(raw) != block_size or crypto.block_id(raw) != bid:
                 raise DataError(f"block at offset {idx * block_size} in pack {obj} "
@@ -608,7 +612,7 @@ class _BackupRun:
         self.cancelled = cancelled
         ec = engine.config
         self.level = ec.zstd_level
-        self.compress = ec.compression == "zstd"
+        self.compression = ec.compression
         self.pack_size = ec.pack_size
         self.upload_limit = ec.upload_concurrency
         # Sealed packs held in memory while uploading: bounded in bytes as well as count, so
@@ -682,7 +686,8 @@ class _BackupRun:
         if not todo:
             return out  # type: ignore[return-value]
         known = self._worker_index().lookup_many([t[2] for t in todo])
-        cctx = _codecs.compressor(self.level) if self.compress else None
+        cctx = _codecs.compressor(self.level) if self.compression == "zstd" else None
+        use_lz4 = self.compression == "lz4"
         seal = self.crypto.seal_blob
         here: set[bytes] = set()
         for pos, idx, bid, block in todo:
@@ -698,6 +703,10 @@ class _BackupRun:
                     z = cctx.compress(block)
                     if len(z) < bs:
                         payload, codec = z, CODEC_ZSTD
+                elif use_lz4:
+                    z = lz4.block.compress(block, store_size=False)
+                    if len(z) < bs:
+                        payload, codec = z, CODEC_LZ4
                 blob = seal(payload, bid)
                 out[pos] = ("new", idx, bid, bytes(blob) if codec == CODEC_NONE else blob,
                             codec)

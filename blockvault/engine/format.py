@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 
 CODEC_NONE = 0
 CODEC_ZSTD = 1
+CODEC_LZ4 = 2  # LZ4 block format, no size header (the raw size is the block size)
 
 CONFIG_NAME = "config"
 
