@@ -47,7 +47,7 @@ class Settings:
     local_store_dir: str = ""
     swift_auth_url: str = ""
     swift_user: str = ""
-    swift_key: str = ""
+    swift_key: str = field(default="", repr=False)
     swift_auth_version: str = "1"
     swift_project_name: str = ""
     swift_user_domain_name: str = "Default"
@@ -56,7 +56,7 @@ class Settings:
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
     s3_access_key: str = ""
-    s3_secret_key: str = ""
+    s3_secret_key: str = field(default="", repr=False)
     s3_addressing_style: str = "path"
     store_retry_attempts: int = 5
     store_retry_budget: float = 60.0

@@ -92,3 +92,38 @@ def test_quota_holds_under_concurrent_creates(tmp_path, pg_url):
     finally:
         a.stop()
         b.stop()
+
+
+def test_simultaneous_start_on_a_fresh_database(tmp_path):
+    """Two processes migrating one empty database at once: one migrates, both serve."""
+    import threading
+
+    name = f"bv_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(PG, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    env = {"BLOCKVAULT_DATABASE_URL": f"{base}/{name}"}
+    servers = [Server(tmp_path / f"s{i}", env) for i in range(2)]
+    errors: list[BaseException] = []
+
+    def start(srv: Server) -> None:
+        try:
+            srv.start()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        vol = servers[0].client("alice", "p").create_volume(1)
+        r = servers[1].client("alice", "p").get(f"/volumes/{vol}")
+        assert r.status_code == 200
+    finally:
+        for s in servers:
+            s.stop()
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.close()

@@ -40,6 +40,10 @@ class Database:
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["connection_url"] = self.url
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Several processes may start at once against a fresh database: one
+                # migrates, the others wait and then find nothing to do.
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7424658214)")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
