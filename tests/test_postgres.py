@@ -109,7 +109,7 @@ def test_simultaneous_start_on_a_fresh_database(tmp_path):
     def start(srv: Server) -> None:
         try:
             srv.start()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=start, args=(s,)) for s in servers]
