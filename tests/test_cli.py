@@ -56,3 +56,23 @@ def test_cli_errors_are_readable(server):
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode != 0
     assert "404: Backup 00000000-0000-0000-0000-000000000001 could not be found." in out.stderr
+
+
+def test_verify_commands_find_corruption(server, tmp_path):
+    vol = cli(server, "volume", "create", "--size", "1")
+    image = tmp_path / "d.img"
+    image.write_bytes(os.urandom(3 * MiB))
+    cli(server, "volume", "upload", vol, str(image))
+    backup = cli(server, "backup", "create", vol, "--wait")
+    assert '"state": "ok"' in cli(server, "backup", "verify", backup)
+    out = cli(server, "verify-container", "--data-dir", str(server.data_dir))
+    assert "blocks checked" in out and "corrupt" not in out
+    pack = sorted((server.data_dir / "store" / "volumebackups").rglob("packs/*/*"))[-1]
+    data = bytearray(pack.read_bytes())
+    data[10] ^= 0x55
+    pack.write_bytes(bytes(data))
+    env = {**os.environ, "BLOCKVAULT_URL": server.url, "BLOCKVAULT_TOKEN": "demo:demo"}
+    run = subprocess.run([sys.executable, "-m", "blockvault.cli", "verify-container",
+                          "--data-dir", str(server.data_dir)], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 1 and f"corrupt: {pack.relative_to(pack.parents[2])}" in run.stdout
