@@ -128,7 +128,7 @@ class Services:
         ctx.require_admin("volume_extension:quotas:update")
         with self.db.session() as s:
             self.quotas.set_limits(s, target, values)
-        with self.db.session() as s:
+            s.flush()
             return self.quotas.limits(s, target)
 
 
