@@ -90,6 +90,18 @@ _snapshot_update = {
 }
 
 
+def _name_changes(body: dict) -> dict[str, Any]:
+    """Name and description columns from a body using either the current keys or the
+    v1-era ``display_`` ones (clients still send both)."""
+    changes: dict[str, Any] = {}
+    for key, column in (("name", "display_name"), ("display_name", "display_name"),
+                        ("description", "display_description"),
+                        ("display_description", "display_description")):
+        if key in body:
+            changes[column] = schemas.strip(body[key])
+    return changes
+
+
 def _size(value: Any) -> int:
     if isinstance(value, bool):
         raise invalid_input(f"Volume size '{value}' must be an integer and greater than 0.")
@@ -163,12 +175,7 @@ def update_volume(call: Call) -> Response:
     body = call.body
     schemas.validate(_volume_update, body)
     v = body["volume"]
-    changes: dict[str, Any] = {}
-    for key, column in (("name", "display_name"), ("display_name", "display_name"),
-                        ("description", "display_description"),
-                        ("display_description", "display_description")):
-        if key in v:
-            changes[column] = schemas.strip(v[key])
+    changes = _name_changes(v)
     if "metadata" in v:
         changes["metadata_"] = dict(v["metadata"])
     vol = call.services.volumes.update(call.ctx, call.path["volume_id"], changes)
@@ -324,12 +331,7 @@ def update_snapshot(call: Call) -> Response:
     body = call.body
     schemas.validate(_snapshot_update, body)
     sn = body["snapshot"]
-    changes = {}
-    for key, column in (("name", "display_name"), ("display_name", "display_name"),
-                        ("description", "display_description"),
-                        ("display_description", "display_description")):
-        if key in sn:
-            changes[column] = schemas.strip(sn[key])
+    changes = _name_changes(sn)
     snap = call.services.volumes.update_snapshot(call.ctx, call.path["snapshot_id"], changes)
     return json_response(_snapshot(call, snap))
 
