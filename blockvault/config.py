@@ -58,7 +58,7 @@ class Settings:
     s3_access_key: str = ""
     s3_secret_key: str = field(default="", repr=False)
     s3_addressing_style: str = "path"
-    store_retry_attempts: int = 5
+    store_retry_attempts: int = 10
     store_retry_budget: float = 60.0
     store_pool_size: int = 8
     # Engine

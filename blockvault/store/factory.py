@@ -14,7 +14,7 @@ from blockvault.store.retry import RetryingBackend
 
 KINDS = ("local", "swift", "s3")
 
-DEFAULT_RETRY_ATTEMPTS = 5
+DEFAULT_RETRY_ATTEMPTS = 10  # with full jitter, rides out outages of ~half a minute
 DEFAULT_RETRY_BUDGET = 60.0
 DEFAULT_POOL_SIZE = 8
 
