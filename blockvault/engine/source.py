@@ -70,3 +70,19 @@ def read_padded(fd: int, offset: int, length: int, readable: int) -> bytes:
     if len(data) < length:
         data += bytes(length - len(data))
     return data
+
+
+def read_into(fd: int, buf: bytearray, offset: int, length: int, readable: int) -> memoryview:
+    """Like ``read_padded`` but into ``buf`` (reused by the caller, so no fresh pages to
+    fault in per read); returns a view of its first ``length`` bytes."""
+    mv = memoryview(buf)[:length]
+    want = max(0, min(length, readable - offset))
+    got = 0
+    while got < want:
+        n = os.preadv(fd, [mv[got:want]], offset + got)
+        if not n:
+            break
+        got += n
+    if got < length:
+        mv[got:] = bytes(length - got)
+    return mv

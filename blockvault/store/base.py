@@ -8,7 +8,9 @@ Contract of each method (modelled on restic's backend interface):
 - ``put(name, data)``: store ``data`` under ``name``, replacing any object of that name.
   Atomic: a reader sees the old object, the new one, or nothing, never a partial one.
   Idempotent: the engine only ever writes the same bytes under a content-addressed name,
-  so a retried put is harmless.
+  so a retried put is harmless. ``data`` is any bytes-like object (the engine passes
+  memoryviews over buffers it reuses): a backend must not keep a reference to it after
+  ``put`` returns.
 - ``get(name, offset=0, length=None)``: the object's bytes, or ``length`` bytes from
   ``offset`` (a range read). Raises :class:`ObjectNotFound` if the object does not exist.
   A range past the end returns what exists (possibly ``b""``).
@@ -59,7 +61,7 @@ class Container(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def put(self, name: str, data: bytes) -> None: ...
+    def put(self, name: str, data: bytes | memoryview) -> None: ...
 
     @abc.abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
