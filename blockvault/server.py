@@ -17,9 +17,9 @@ from starlette.routing import Route
 
 from blockvault.api import backups as backup_routes
 from blockvault.api import volumes as volume_routes
-from blockvault.api.faults import fault_response
+from blockvault.api.faults import HTTPFault, fault_response
 from blockvault.api.http import make_routes, public_base
-from blockvault.api.versions import v2_document, versions_document
+from blockvault.api.versions import fmt, negotiate, v2_document, versions_document
 from blockvault.config import Settings
 from blockvault.db import Database
 from blockvault.engine import Engine, EngineConfig
@@ -147,11 +147,23 @@ def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
     async def v3_redirect(request: Request) -> RedirectResponse:
         return RedirectResponse(str(request.url).rstrip("/") + "/", 302)
 
+    def version_headers(request: Request) -> dict[str, str]:
+        """Every v3 response carries the version it was served at, errors included."""
+        if not request.url.path.startswith("/v3/"):
+            return {}
+        try:
+            version = negotiate(request.headers.get("openstack-api-version"))
+        except HTTPFault:
+            return {}
+        return {"OpenStack-API-Version": f"volume {fmt(version)}",
+                "Vary": "OpenStack-API-Version"}
+
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return fault_response(404, "The resource could not be found.")
+        return fault_response(404, "The resource could not be found.", version_headers(request))
 
     async def bad_method(request: Request, exc: Exception) -> JSONResponse:
-        return fault_response(405, "The method is not allowed for the requested URL.")
+        return fault_response(405, "The method is not allowed for the requested URL.",
+                              version_headers(request))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

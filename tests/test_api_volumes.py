@@ -176,3 +176,14 @@ def test_volume_quota(alice, admin):
     assert r.json()["overLimit"]["message"] == (
         "VolumeSizeExceedsAvailableQuota: Requested volume or snapshot exceeds allowed "
         "gigabytes quota. Requested 2G, quota is 3G and 2G has been consumed.")
+
+
+def test_unknown_routes_and_methods_are_cinder_faults(alice):
+    r = alice.get("/nonexistent", headers={"OpenStack-API-Version": "volume 3.50"})
+    assert r.status_code == 404
+    assert r.json() == {"itemNotFound": {"code": 404,
+                                         "message": "The resource could not be found."}}
+    assert r.headers["OpenStack-API-Version"] == "volume 3.50"
+    r = alice.req("PATCH", "/backups")
+    assert r.status_code == 405 and r.json()["badMethod"]["code"] == 405
+    assert r.headers["OpenStack-API-Version"] == "volume 3.0"
