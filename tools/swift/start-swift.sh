@@ -88,6 +88,13 @@ INSTALL_METHOD=${SWIFT_INSTALL_METHOD:-pip}
 BV_CACHE=${BLOCKVAULT_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/blockvault}
 VENV=${SWIFT_VENV:-$BV_CACHE/swift-venv}
 PIP_SPEC=${SWIFT_PIP_SPEC:-swift==2.38.3}
+# Optional Keystone v3 auth beside tempauth: SWIFT_KEYSTONE_URL=http://host:port (a running
+# Keystone), SWIFT_KEYSTONE_ADMIN_PASSWORD (its bootstrap admin's). Keystone's projects get
+# accounts KEY_<project id>; tempauth keeps AUTH_*. Needs keystonemiddleware in the venv.
+KEYSTONE_URL=${SWIFT_KEYSTONE_URL:-}
+if [ -n "$KEYSTONE_URL" ]; then
+    PIP_SPEC="$PIP_SPEC keystonemiddleware"
+fi
 PROXY_WORKERS=${SWIFT_PROXY_WORKERS:-1}
 BACKEND_WORKERS=${SWIFT_BACKEND_WORKERS:-1}
 PART_POWER=${SWIFT_PART_POWER:-6}
@@ -306,11 +313,35 @@ eventlet_debug = false
 EOF
 }
 
+keystone_filters() {
+    [ -n "$KEYSTONE_URL" ] || return 0
+    cat <<KSEOF
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+www_authenticate_uri = $KEYSTONE_URL/v3
+auth_url = $KEYSTONE_URL
+auth_type = password
+user_domain_id = default
+project_domain_id = default
+project_name = admin
+username = admin
+password = ${SWIFT_KEYSTONE_ADMIN_PASSWORD:-secret}
+interface = public
+# tempauth's tokens must pass through untouched
+delay_auth_decision = true
+
+[filter:keystoneauth]
+use = egg:swift#keystoneauth
+reseller_prefix = KEY_
+operator_roles = admin, member
+KSEOF
+}
+
 gen_proxy_conf() {
     common_default "$PROXY_PORT" proxy-server "$PROXY_WORKERS"
     cat <<EOF
 [pipeline:main]
-pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk tempurl ratelimit s3api tempauth copy container-quotas account-quotas slo dlo versioned_writes symlink proxy-logging proxy-server
+pipeline = catch_errors gatekeeper healthcheck proxy-logging cache listing_formats bulk tempurl ratelimit s3api ${KEYSTONE_URL:+authtoken keystoneauth }tempauth copy container-quotas account-quotas slo dlo versioned_writes symlink proxy-logging proxy-server
 
 [app:proxy-server]
 use = egg:swift#proxy
@@ -330,6 +361,7 @@ user_test_tester = testing .admin
 user_test_tester3 = testing3
 user_test2_tester2 = testing2 .admin
 ${SWIFT_EXTRA_TEMPAUTH_USERS:-}
+$(keystone_filters)
 
 [filter:s3api]
 use = egg:swift#s3api
