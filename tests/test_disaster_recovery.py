@@ -4,6 +4,7 @@ fresh deployment (empty database) pointed at the same object store and restore b
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -70,6 +71,14 @@ def test_recover_command_reimports_a_lost_database(tmp_path):
         api.write(vol, 0, os.urandom(2 * MiB))
         h = api.volume_sha256(vol)
         backups = {api.create_backup(vol, name=f"b{i}") for i in range(2)}
+        renamed = next(iter(backups))
+        v39 = old.client("alice", "p1", version="3.9")
+        assert v39.put(f"/backups/{renamed}", {"backup": {"name": "renamed"}}).status_code == 200
+        record = tmp_path / "store" / "volumebackups" / "records" / renamed
+        deadline = time.monotonic() + 30  # the record in the store follows the rename
+        while b'"renamed"' not in record.read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     finally:
         old.stop()
     new = Server(tmp_path / "new", env).start()
@@ -83,6 +92,7 @@ def test_recover_command_reimports_a_lost_database(tmp_path):
         admin = new.client("admin", "admin")
         for b in backups:
             assert admin.wait("backup", b, {"available", "error"})["status"] == "available"
+        assert admin.get(f"/backups/{renamed}").json()["backup"]["name"] == "renamed"
         assert admin.volume_sha256(admin.restore(next(iter(backups)))) == h
         # running it again changes nothing
         again = subprocess.run(

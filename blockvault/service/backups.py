@@ -158,7 +158,7 @@ class BackupService:
             backup = visible_backup(s, ctx, backup_id)
             job = s.scalars(
                 select(Job)
-                .where(Job.backup_id == backup_id, Job.kind != "verify")
+                .where(Job.backup_id == backup_id, Job.kind.not_in(("verify", "record")))
                 .order_by(Job.created_at.desc())
             ).first()
         rate = 0
@@ -311,6 +311,10 @@ class BackupService:
             for key, value in changes.items():
                 setattr(backup, key, value)
             backup.updated_at = utcnow()
+            if backup.status == "available" and backup.container:
+                # keep the record in the store (what `blockvault recover` reads) current
+                queue_job(s, "record", backup_id)
+        self.wake_workers()
         return backup
 
     # -- delete ---------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class Tasks:
             "delete": self.delete,
             "import": self.import_record,
             "verify": self.verify,
+            "record": self.write_record,
         }
 
     # -- helpers ----------------------------------------------------------------------------
@@ -390,6 +391,23 @@ class Tasks:
                     .where(Backup.id == backup.parent_id, Backup.deleted.is_(False))
                     .values(num_dependent_backups=Backup.num_dependent_backups + 1)
                 )
+
+    # -- record -----------------------------------------------------------------------------
+
+    def write_record(self, job: Job) -> None:
+        """Rewrite a backup's record in the store after its name, description or metadata
+        changed. Best effort: the DB stays the truth and export_record reads it."""
+        with self.db.session() as s:
+            backup = s.get(Backup, job.backup_id)
+            if backup is None or backup.status != "available" or not backup.container:
+                return
+            record = backup_record(backup)
+            container = backup.container
+        try:
+            self.engine.write_record(container=container, backup_id=job.backup_id,
+                                     record=record)
+        except (StoreError, EngineError) as exc:
+            log.warning("record of backup %s not updated: %s", job.backup_id, exc)
 
     # -- verify -----------------------------------------------------------------------------
 
