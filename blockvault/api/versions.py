@@ -48,47 +48,34 @@ def negotiate(header: str | None) -> tuple[int, int]:
     return version
 
 
-def versions_document(base: str) -> dict:
+def _document(base: str, major: int, status: str, min_version: str, version: str,
+              updated: str) -> dict:
     return {
         "versions": [
             {
-                "id": "v3.0",
+                "id": f"v{major}.0",
                 "links": [
                     {"href": "https://docs.openstack.org/", "rel": "describedby",
                      "type": "text/html"},
-                    {"href": f"{base}/v3/", "rel": "self"},
+                    {"href": f"{base}/v{major}/", "rel": "self"},
                 ],
                 "media-types": [
                     {"base": "application/json",
-                     "type": "application/vnd.openstack.volume+json;version=3"}
+                     "type": f"application/vnd.openstack.volume+json;version={major}"}
                 ],
-                "min_version": fmt(MIN_VERSION),
-                "status": "CURRENT",
-                "updated": "2023-08-31T00:00:00Z",
-                "version": fmt(MAX_VERSION),
+                "min_version": min_version,
+                "status": status,
+                "updated": updated,
+                "version": version,
             }
         ]
     }
+
+
+def versions_document(base: str) -> dict:
+    return _document(base, 3, "CURRENT", fmt(MIN_VERSION), fmt(MAX_VERSION),
+                     "2023-08-31T00:00:00Z")
 
 
 def v2_document(base: str) -> dict:
-    return {
-        "versions": [
-            {
-                "id": "v2.0",
-                "links": [
-                    {"href": "https://docs.openstack.org/", "rel": "describedby",
-                     "type": "text/html"},
-                    {"href": f"{base}/v2/", "rel": "self"},
-                ],
-                "media-types": [
-                    {"base": "application/json",
-                     "type": "application/vnd.openstack.volume+json;version=2"}
-                ],
-                "min_version": "",
-                "status": "DEPRECATED",
-                "updated": "2017-02-25T12:00:00Z",
-                "version": "",
-            }
-        ]
-    }
+    return _document(base, 2, "DEPRECATED", "", "", "2017-02-25T12:00:00Z")
