@@ -25,6 +25,7 @@ import blake3
 import lz4.block
 import zstandard
 
+from blockvault.directio import AlignedBuffer, open_direct
 from blockvault.engine import locks
 from blockvault.engine.config import BackupResult, EngineConfig, Progress, VerifyReport
 from blockvault.engine.crypto import Crypto, SealError
@@ -63,6 +64,7 @@ _RESTORE_GAP_MAX = 256 * 1024  # read through gaps this small instead of splitti
 _PROGRESS_EVERY = 0.5  # seconds between progress callbacks
 _IOV_MAX = 512
 _INFLIGHT_PACK_BYTES = 32 * 1024 * 1024
+_READERS = 2  # threads reading the volume ahead of the hashing/compressing workers
 
 
 class _MissingObject(DataError):
@@ -690,9 +692,10 @@ class _BackupRun:
         # Reused buffers packs are assembled in (one per pack being uploaded, at most
         # inflight_limit + 1): a fresh 16 MiB bytes per pack meant a new mapping whose pages
         # were faulted in with the GIL held (~0.8 s per 2 GiB).
-        self._pack_bufs: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        # They are aligned so that the local store can write them with O_DIRECT.
+        self._pack_bufs: queue.SimpleQueue[AlignedBuffer] = queue.SimpleQueue()
         for _ in range(self.inflight_limit + 1):
-            self._pack_bufs.put(bytearray())
+            self._pack_bufs.put(AlignedBuffer(0))
         self.new_blocks = self.reused_blocks = self.nonzero_blocks = 0
         self.stored_bytes = self.object_count = 0
 
@@ -710,18 +713,30 @@ class _BackupRun:
         """Is ``bid`` in the pack being built or in one being uploaded (not yet indexed)?"""
         return bid in self.unindexed
 
-    def _process(self, fd: int, offset: int, length: int, readable: int,
+    def _read(self, rb: AlignedBuffer, fd: int, offset: int, length: int,
+              readable: int) -> None:
+        """Reader thread: fill ``rb``. Reads run apart from the CPU workers because direct
+        reads are synchronous: a worker that read for itself would leave its core idle
+        while the device works."""
+        read_into(fd, rb, offset, length, readable, self.direct_fd)
+
+    def _process(self, read: Future, rb: AlignedBuffer, offset: int, length: int,
                  parent: dict[int, tuple] | None) -> list[tuple]:
-        """Worker: read a piece, skip zero blocks, hash, dedup (parent, index, this backup's
-        packs not yet indexed) and compress+seal what is new. One task per read so that a
-        piece crosses threads once; the calling thread only packs, in block order."""
-        buf = getattr(self._tls, "buf", None)
-        if buf is None:
-            buf = self._tls.buf = bytearray(READ_CHUNK)
-        mv = read_into(fd, buf, offset, length, readable)
-        # Nothing returned may reference ``buf``: the next read of this thread reuses it.
-        data = buf
-        if length == len(buf) and buf == self._zero_chunk:
+        """Worker: once ``read`` has filled ``rb``, skip zero blocks, hash, dedup (parent,
+        index, this backup's packs not yet indexed) and compress+seal what is new. The
+        calling thread only packs, in block order."""
+        try:
+            read.result()
+            return self._digest(rb, offset, length, parent)
+        finally:
+            # Nothing returned references the buffer: the next read reuses it.
+            self._free_bufs.put(rb)
+
+    def _digest(self, rb: AlignedBuffer, offset: int, length: int,
+                parent: dict[int, tuple] | None) -> list[tuple]:
+        mv = rb.view[:length]
+        data, base = rb.raw, rb.base
+        if length == READ_CHUNK and data.startswith(self._zero_chunk, base):
             return []
         bs = self.bs
         zero = self._zero
@@ -731,7 +746,7 @@ class _BackupRun:
         todo: list[tuple] = []
         for i in range(length // bs):
             a = i * bs
-            if data.startswith(zero, a):  # all-zero block (memcmp, no copy)
+            if data.startswith(zero, base + a):  # all-zero block (memcmp, no copy)
                 continue
             bid = block_id(mv[a : a + bs])
             idx = first + i
@@ -873,8 +888,8 @@ class _BackupRun:
         buf = self._pack_bufs.get()
         try:
             if len(buf) < size:
-                buf = bytearray(max(size, self.pack_size + self.bs + 64 * 1024))
-            data = memoryview(buf)[:size]
+                buf = AlignedBuffer(max(size, self.pack_size + self.bs + 64 * 1024))
+            data = buf.view[:size]
             o = 0
             for b in blobs:
                 n = len(b)
@@ -988,8 +1003,10 @@ class _BackupRun:
                 log.info("parent %s unusable (%s); doing a full backup", parent_id, e)
         self.comp_q: deque[Future] = deque()
         fd = os.open(source, os.O_RDONLY)
+        self.direct_fd = (open_direct(source, os.O_RDONLY) if self.engine.config.direct_io
+                          else None)
         try:
-            try:  # doubles the kernel's readahead window on most filesystems
+            try:  # doubles the kernel's readahead window (for what is read buffered)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             except OSError:
                 pass
@@ -998,10 +1015,17 @@ class _BackupRun:
                 dir=self.engine.cache_dir, prefix="manifest-")
         except BaseException:
             os.close(fd)
+            if self.direct_fd is not None:
+                os.close(self.direct_fd)
             raise
         pool = ThreadPoolExecutor(max_workers=self.engine.workers, thread_name_prefix="bv-cpu")
+        readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="bv-read")
         self.upload_pool = ThreadPoolExecutor(max_workers=self.upload_limit,
                                               thread_name_prefix="bv-put")
+        # Read buffers: one per worker plus one per reader, so reads run ahead of hashing.
+        self._free_bufs: queue.SimpleQueue[AlignedBuffer] = queue.SimpleQueue()
+        for _ in range(self.engine.workers + _READERS):
+            self._free_bufs.put(AlignedBuffer(READ_CHUNK))
         try:
             readable = min(size, volume_length(fd))
             for kind, a, b in self._work(fd, readable, nblocks, ranges):
@@ -1009,7 +1033,10 @@ class _BackupRun:
                 self.lock.refresh()
                 if kind == "read":
                     parent = self._parent_slice(a // bs, (a + b) // bs)
-                    self._queue(pool.submit(self._process, fd, a, b, readable, parent))
+                    # Blocks while every buffer is being read or digested: bounded memory.
+                    rb = self._free_bufs.get()
+                    read = readers.submit(self._read, rb, fd, a, b, readable)
+                    self._queue(pool.submit(self._process, read, rb, a, b, parent))
                     report(a)
                 else:
                     self._copy_parent(a, b)
@@ -1031,9 +1058,12 @@ class _BackupRun:
                 reused_blocks=self.reused_blocks,
                 zero_blocks=nblocks - self.nonzero_blocks)
         finally:
+            readers.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
             self.upload_pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
+            if self.direct_fd is not None:
+                os.close(self.direct_fd)
             self.tmp.close()
             for idx in self._tls_indexes:
                 idx.close()

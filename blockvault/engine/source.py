@@ -6,6 +6,8 @@ import errno
 import os
 from collections.abc import Iterator
 
+from blockvault.directio import ALIGN, AlignedBuffer
+
 READ_CHUNK = 4 * 1024 * 1024  # one read = one unit of parallel work
 
 
@@ -55,29 +57,30 @@ def chunks(fd: int, readable: int, block_size: int, chunk: int = READ_CHUNK,
         done = max(done, b)
 
 
-def read_padded(fd: int, offset: int, length: int, readable: int) -> bytes:
-    """Read [offset, offset+length); bytes at or past ``readable`` read as zeros."""
-    want = max(0, min(length, readable - offset))
-    parts = []
-    got = 0
-    while got < want:
-        b = os.pread(fd, want - got, offset + got)
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    data = parts[0] if len(parts) == 1 else b"".join(parts)
-    if len(data) < length:
-        data += bytes(length - len(data))
-    return data
-
-
-def read_into(fd: int, buf: bytearray, offset: int, length: int, readable: int) -> memoryview:
-    """Like ``read_padded`` but into ``buf`` (reused by the caller, so no fresh pages to
-    fault in per read); returns a view of its first ``length`` bytes."""
-    mv = memoryview(buf)[:length]
+def read_into(fd: int, buf: AlignedBuffer, offset: int, length: int, readable: int,
+              direct_fd: int | None = None) -> memoryview:
+    """Read [offset, offset+length) into ``buf`` and return a view of it; bytes at or past
+    ``readable`` read as zeros. With ``direct_fd`` (an O_DIRECT descriptor of the same file,
+    see blockvault.directio) aligned reads go through it; anything it refuses is read
+    through ``fd``."""
+    mv = buf.view[:length]
     want = max(0, min(length, readable - offset))
     got = 0
+    if direct_fd is not None and offset % ALIGN == 0:
+        # Round up: reading past ``want`` (past EOF gives a short read) is overwritten below.
+        ask = min(length, -(-want // ALIGN) * ALIGN)
+        try:
+            while got < want:
+                n = os.preadv(direct_fd, [mv[got:ask]], offset + got)
+                if not n:
+                    break
+                got += n
+                if got % ALIGN:  # short read at EOF; the rest is zeros anyway
+                    break
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        got = min(got, want)
     while got < want:
         n = os.preadv(fd, [mv[got:want]], offset + got)
         if not n:
