@@ -24,6 +24,7 @@ from blockvault.engine import (
     KeyMismatch,
     locks,
 )
+from blockvault.engine.format import ManifestReader
 from blockvault.store.local import LocalBackend
 
 MiB = 1024 * 1024
@@ -264,6 +265,47 @@ def test_changed_ranges_right_hint_restores_byte_exact(engine: Engine, tmp_path:
         dst = new_target(tmp_path / f"{bid}.out")
         engine.restore(container="c", backup_id=bid, target=dst, target_is_new=True)
         assert sha256_of(dst) == sha256_of(src)
+
+
+def test_changed_ranges_across_manifest_segments(store: LocalBackend, tmp_path: Path) -> None:
+    """Blocks copied unread from a parent whose entries span several manifest segments
+    (4096 entries each): hints on, just before and just after segment borders, a hint in
+    a hole and one past the last block give the same manifest as a full read."""
+    eng = Engine(store, tmp_path / "cache", EngineConfig(block_size=4096, pack_size=2 * MiB))
+    bs = 4096
+    src = tmp_path / "vol"
+    nblocks = 10_000
+    size = nblocks * bs
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.write(text(6000 * bs, 7))
+        f.seek(6500 * bs)  # blocks 6000-6499 stay a hole
+        f.write(text(3500 * bs, 8))
+    eng.backup(container="c", backup_id="b1", source=src, size=size)
+    rnd = random.Random(3)
+    # Entry i is block i below the hole and block i + 500 above it, so segments end at
+    # blocks 4095 and 8691: copies start on the last entry of a segment and reads on the
+    # first one.
+    writes = [(4094 * bs + 10, 5), (4096 * bs, 1), (8690 * bs, bs), (8692 * bs, 2 * bs),
+              (6100 * bs, 2 * bs), (0, 100), ((nblocks - 1) * bs, bs), (5000 * bs, 0)]
+    with open(src, "r+b") as f:
+        for off, n in writes:
+            f.seek(off)
+            f.write(rnd.randbytes(n))
+    hinted = eng.backup(container="c", backup_id="b2", source=src, size=size,
+                        parent_id="b1", changed=[*writes, (size + bs, bs)])
+    full = eng.backup(container="c", backup_id="b3", source=src, size=size, parent_id="b1")
+    assert hinted.new_blocks == 9  # the written blocks, read and stored once
+    assert full.new_blocks == 0  # the full read finds them all stored by b2
+    assert hinted.zero_blocks == full.zero_blocks == 498  # two hole blocks were written
+    cfg = eng._require_config(store.open("c"), "c")
+    entries = {b: list(ManifestReader(store.open("c"), b, cfg.crypto).entries())
+               for b in ("b2", "b3")}
+    assert entries["b2"] == entries["b3"]
+    assert len(entries["b2"]) == nblocks - 498 > 2 * 4096
+    dst = new_target(tmp_path / "out")
+    eng.restore(container="c", backup_id="b2", target=dst, target_is_new=True)
+    assert sha256_of(dst) == sha256_of(src)
 
 
 def test_changed_ranges_ignored_without_a_usable_parent(engine: Engine, tmp_path: Path) -> None:

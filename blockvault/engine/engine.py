@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import bisect
 import ctypes
 import ctypes.util
 import hashlib
@@ -55,9 +57,9 @@ from blockvault.store import Backend, Container, ObjectNotFound, StoreError
 log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-# Pending manifest entry: the manifest entry plus the local sequence number of a pack
-# this backup is still building (-1 when the pack name is already known).
-_PENDING = struct.Struct("<Q32s32sIIBi")
+_ENTRY_SIZE = MANIFEST_ENTRY.size
+_ENTRY_INDEX = struct.Struct("<Q")  # an entry's first field: its block index
+_ENTRY_PACK_AT = struct.calcsize("<Q32s")  # where an entry's pack name starts
 _RECORD_MAGIC = b"BVRE"
 _RESTORE_RUN_MAX = 4 * 1024 * 1024  # largest coalesced range GET (and decoded run) on restore
 _RESTORE_GAP_MAX = 256 * 1024  # read through gaps this small instead of splitting a GET
@@ -216,6 +218,46 @@ def _block_ranges(changed: Sequence[tuple[int, int]], size: int, bs: int) -> (
 def _raw_entries(m: ManifestReader) -> Iterator[tuple]:
     for raw in m.raw_segments():
         yield from MANIFEST_ENTRY.iter_unpack(raw)
+
+
+class _ParentEntries:
+    """A parent manifest's packed entries, consumed once in block order.
+
+    ``take(lo, hi)`` hands out the raw entries of blocks [lo, hi) as slices of the decoded
+    segments (found by bisection, no per-entry Python work) and drops every entry before
+    them, so blocks an incremental copies unread cost nothing per block.
+    """
+
+    def __init__(self, segments: Iterator[bytes]) -> None:
+        self._segments = segments
+        self._raw = b""
+        self._pos = self._n = 0  # next entry, entries in ``_raw``
+
+    def close(self) -> None:
+        self._segments = iter(())
+        self._raw, self._pos, self._n = b"", 0, 0
+
+    def _index(self, i: int) -> int:
+        return _ENTRY_INDEX.unpack_from(self._raw, i * _ENTRY_SIZE)[0]
+
+    def take(self, lo: int, hi: int) -> Iterator[memoryview]:
+        """Yield runs of packed entries with lo <= index < hi. Errors reading the parent
+        (DataError, StoreError) propagate."""
+        while True:
+            if self._pos >= self._n:
+                raw = next(self._segments, None)
+                if raw is None:
+                    self.close()
+                    return
+                self._raw, self._pos, self._n = raw, 0, len(raw) // _ENTRY_SIZE
+            span = range(self._pos, self._n)
+            a = self._pos + bisect.bisect_left(span, lo, key=self._index)
+            b = a + bisect.bisect_left(range(a, self._n), hi, key=self._index)
+            if b > a:
+                yield memoryview(self._raw)[a * _ENTRY_SIZE : b * _ENTRY_SIZE]
+            self._pos = b
+            if b < self._n:  # the next entry is at or past ``hi``
+                return
 
 
 def _decode_run(c: Container, crypto: Crypto, run: _Run, block_size: int,
@@ -391,8 +433,7 @@ class Engine:
         reader = ManifestReader(c, source_id, cfg.crypto, container)
         builder = ManifestBuilder(target_id, cfg.crypto)
         for raw in reader.raw_segments():
-            for i in range(0, len(raw), MANIFEST_ENTRY.size):
-                builder.add_packed(raw[i : i + MANIFEST_ENTRY.size])
+            builder.add_raw(raw)
         header = {k: v for k, v in reader.header.items()
                   if k not in ("backup_id", "entries", "segments", "version")}
         header["cloned_from"] = source_id
@@ -708,7 +749,13 @@ class _BackupRun:
         # blocks of this backup not yet in the index (open pack + packs being uploaded):
         # id -> (local pack seq, offset, length, codec). Read by workers, written here.
         self.unindexed: dict[bytes, tuple[int, int, int, int]] = {}
-        self.out: list[bytes] = []  # pending manifest records, written in batches
+        # Manifest entries go to a temporary file in block order, in batches. Entries in
+        # packs still being built get their pack name later: (record number, local pack
+        # seq) pairs to patch, kept compact.
+        self.out: list[bytes] = []
+        self.records = 0
+        self.fix_records = array.array("q")
+        self.fix_seqs = array.array("i")
         self.uploads: deque[tuple[Future, int]] = deque()
         self.pack_names: dict[int, bytes] = {}
         self.index_mu = threading.Lock()
@@ -829,7 +876,11 @@ class _BackupRun:
     # -- calling-thread stages ------------------------------------------------------------
     def _emit(self, idx: int, bid: bytes, pack: bytes, off: int, length: int, codec: int,
               seq: int) -> None:
-        self.out.append(_PENDING.pack(idx, bid, pack, off, length, codec, seq))
+        if seq >= 0:
+            self.fix_records.append(self.records)
+            self.fix_seqs.append(seq)
+        self.records += 1
+        self.out.append(MANIFEST_ENTRY.pack(idx, bid, pack, off, length, codec))
 
     def _find(self, bid: bytes) -> tuple[bytes, int, int, int, int] | None:
         """Where this backup or the container already holds ``bid``: (pack name or b"",
@@ -844,19 +895,15 @@ class _BackupRun:
 
     def _parent_slice(self, lo: int, hi: int) -> dict[int, tuple] | None:
         """The parent's entries for blocks [lo, hi) (streamed; earlier ones are dropped)."""
-        cur = self.parent_cur
         out: dict[int, tuple] = {}
         try:
-            while cur is not None and cur[0] < hi:
-                if cur[0] >= lo:
-                    out[cur[0]] = cur
-                cur = next(self.parent_it, None)
+            for raw in self.parent.take(lo, hi):
+                for e in MANIFEST_ENTRY.iter_unpack(raw):
+                    out[e[0]] = e
         except (DataError, StoreError) as e:
+            # These blocks are being read anyway: go on comparing with the index only.
             log.warning("parent manifest unreadable, continuing without it: %s", e)
-            cur = None
-        self.parent_cur = cur
-        if cur is None:
-            self.parent_it = iter(())
+            self.parent.close()
         return out or None
 
     def _pack(self, items: list[tuple]) -> None:
@@ -972,27 +1019,12 @@ class _BackupRun:
             yield "copy", prev, nblocks
 
     def _copy_parent(self, lo: int, hi: int) -> None:
-        """Reuse the parent's entries for blocks [lo, hi) (unchanged by promise)."""
-        cur = self.parent_cur
-        items: list[tuple] = []
-        while cur is not None and cur[0] < hi:
-            if cur[0] >= lo:
-                items.append(("known", *cur, -1))
-                if len(items) >= SEGMENT_ENTRIES:
-                    self._queue_known(items)
-                    items = []
-            # A parent that turns unreadable here cannot be replaced by reading: fail.
-            cur = next(self.parent_it, None)
-        self.parent_cur = cur
-        if cur is None:
-            self.parent_it = iter(())
-        if items:
-            self._queue_known(items)
-
-    def _queue_known(self, items: list[tuple]) -> None:
-        f: Future = Future()
-        f.set_result(items)
-        self._queue(f)
+        """Reuse the parent's entries for blocks [lo, hi) (unchanged by promise), as they
+        are. A parent that turns unreadable here cannot be replaced by reading: fail."""
+        for raw in self.parent.take(lo, hi):
+            f: Future = Future()
+            f.set_result(raw)  # in the queue, so that it lands in block order
+            self._queue(f)
 
     def _queue(self, f: Future) -> None:
         """Results enter the calling thread in block order; at most ``depth`` in flight."""
@@ -1000,7 +1032,14 @@ class _BackupRun:
         while len(self.comp_q) > self.depth:
             self._accept(self.comp_q.popleft().result())
 
-    def _accept(self, items: list[tuple]) -> None:
+    def _accept(self, items: list[tuple] | memoryview) -> None:
+        if isinstance(items, memoryview):  # packed entries copied from the parent
+            n = len(items) // _ENTRY_SIZE
+            self.nonzero_blocks += n
+            self.reused_blocks += n
+            self.records += n
+            self.tmp.write(items)
+            return
         self.nonzero_blocks += len(items)
         self._pack(items)
 
@@ -1013,14 +1052,13 @@ class _BackupRun:
         self._zero_chunk = bytes(READ_CHUNK)
         nblocks = -(-size // bs)
         report = _Throttle(progress, size, "backup")
-        self.parent_it: Iterator[tuple] = iter(())
-        self.parent_cur: tuple | None = (-1,)
+        self.parent = _ParentEntries(iter(()))
         ranges: list[tuple[int, int]] | None = None
         if parent_id is not None:
             try:
                 pm = ManifestReader(self.c, parent_id, self.crypto, self.container)
                 if pm.block_size == bs:
-                    self.parent_it = _raw_entries(pm)
+                    self.parent = _ParentEntries(pm.raw_segments())
                     if changed is not None and pm.size == size:
                         ranges = _block_ranges(changed, size, bs)
                 else:
@@ -1099,15 +1137,20 @@ class _BackupRun:
         self.tmp.flush()
         self.tmp.seek(0)
         names = self.pack_names
-        rec = _PENDING.size
+        fixes = zip(self.fix_records, self.fix_seqs, strict=True)
+        fix = next(fixes, None)
+        first = 0  # record number of buf[0]
         while True:
-            buf = self.tmp.read(rec * 4096)
+            buf = bytearray(self.tmp.read(_ENTRY_SIZE * SEGMENT_ENTRIES))
             if not buf:
                 break
-            for idx, bid, pack, off, length, codec, seq in _PENDING.iter_unpack(buf):
-                if seq >= 0:
-                    pack = names[seq]
-                builder.add_packed(MANIFEST_ENTRY.pack(idx, bid, pack, off, length, codec))
+            end = first + len(buf) // _ENTRY_SIZE
+            while fix is not None and fix[0] < end:
+                at = (fix[0] - first) * _ENTRY_SIZE + _ENTRY_PACK_AT
+                buf[at : at + 32] = names[fix[1]]
+                fix = next(fixes, None)
+            builder.add_raw(buf)
+            first = end
         return builder.finish({
             "size": size, "block_size": self.bs, "parent_id": parent_id,
             "created_at": int(time.time()),

@@ -175,6 +175,7 @@ MANIFEST_PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, header lengt
 MANIFEST_ENTRY = struct.Struct("<Q32s32sIIB")  # index, block id, pack, offset, length, codec
 SEGMENT_LEN = struct.Struct("<I")
 SEGMENT_ENTRIES = 4096
+_SEGMENT_BYTES = SEGMENT_ENTRIES * MANIFEST_ENTRY.size
 
 
 def _header_aad(backup_id: str) -> bytes:
@@ -202,21 +203,25 @@ class ManifestBuilder:
         self.backup_id = backup_id
         self.crypto = crypto
         self._segments: list[bytes] = []
-        self._pending: list[bytes] = []
+        self._pending = bytearray()
         self._cctx = zstandard.ZstdCompressor(level=3)
         self.entries = 0
 
-    def add_packed(self, packed_entry: bytes) -> None:
-        self._pending.append(packed_entry)
-        self.entries += 1
-        if len(self._pending) >= SEGMENT_ENTRIES:
-            self._flush()
+    def add_raw(self, packed_entries: bytes | bytearray | memoryview) -> None:
+        """Append packed MANIFEST_ENTRY records (any number of them, in index order)."""
+        n = len(packed_entries)
+        if n % MANIFEST_ENTRY.size:
+            raise ValueError("not a whole number of manifest entries")
+        self._pending += packed_entries
+        self.entries += n // MANIFEST_ENTRY.size
+        while len(self._pending) >= _SEGMENT_BYTES:
+            self._flush(_SEGMENT_BYTES)
 
-    def _flush(self) -> None:
+    def _flush(self, n: int | None = None) -> None:
         if not self._pending:
             return
-        raw = b"".join(self._pending)
-        self._pending = []
+        raw = bytes(self._pending[:n])
+        del self._pending[:n]
         sealed = self.crypto.seal(
             self._cctx.compress(raw), _segment_aad(self.backup_id, len(self._segments))
         )
