@@ -123,15 +123,11 @@ except (OSError, AttributeError):
 # glibc's default dynamic mmap threshold they end up on the heap, whose freed space is
 # kept by the process; a fixed threshold makes every buffer >= 8 MiB its own mapping, given
 # back to the OS when freed, so the service's RSS stays near the pipeline's live data.
-# Smaller buffers (zstd's per-read outputs, fetched runs, 4 MiB) are served from the heap;
-# glibc returns its free top to the OS above 128 KiB by default, so each new buffer was
-# faulted in afresh (restore: 165k page faults, ~0.3 s of system time per 2 GiB). Keeping up
-# to 64 MiB of free heap cuts that to ~33k for ~10 MiB more peak RSS.
-_M_TRIM_THRESHOLD = -1
+# (A higher M_TRIM_THRESHOLD saves ~0.3 s of page faults per 2 GiB restore but lets every
+# malloc arena keep that much: +80 MiB of service RSS in the 16 GiB benchmark. Not taken.)
 _M_MMAP_THRESHOLD = -3
 try:
     _libc.mallopt(_M_MMAP_THRESHOLD, 8 * 1024 * 1024)
-    _libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 except (NameError, AttributeError):
     pass
 
@@ -228,8 +224,9 @@ class _ParentEntries:
     them, so blocks an incremental copies unread cost nothing per block.
     """
 
-    def __init__(self, segments: Iterator[bytes]) -> None:
-        self._segments = segments
+    def __init__(self, segments: Iterator[bytes] | None = None) -> None:
+        self.usable = segments is not None  # there is a parent to compare with
+        self._segments = segments if segments is not None else iter(())
         self._raw = b""
         self._pos = self._n = 0  # next entry, entries in ``_raw``
 
@@ -1052,7 +1049,7 @@ class _BackupRun:
         self._zero_chunk = bytes(READ_CHUNK)
         nblocks = -(-size // bs)
         report = _Throttle(progress, size, "backup")
-        self.parent = _ParentEntries(iter(()))
+        self.parent = _ParentEntries()
         ranges: list[tuple[int, int]] | None = None
         if parent_id is not None:
             try:
@@ -1067,8 +1064,13 @@ class _BackupRun:
                 log.info("parent %s unusable (%s); doing a full backup", parent_id, e)
         self.comp_q: deque[Future] = deque()
         fd = os.open(source, os.O_RDONLY)
-        self.direct_fd = (open_direct(source, os.O_RDONLY) if self.engine.config.direct_io
-                          else None)
+        # Direct reads save the kernel's copy into fresh cache pages: most of the system
+        # time of a full backup, which is CPU-bound (it compresses all it reads). An
+        # incremental mostly hashes and compares and is bound by the device, where the
+        # kernel's asynchronous readahead reads ~25% faster than our synchronous direct
+        # reads (docs/benchmarks.md). So: direct without a parent, buffered with one.
+        use_direct = self.engine.config.direct_io and not self.parent.usable
+        self.direct_fd = open_direct(source, os.O_RDONLY) if use_direct else None
         try:
             try:  # doubles the kernel's readahead window (for what is read buffered)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
