@@ -124,6 +124,29 @@ def test_missing_object(container: Container):
         container.get("nope", 0, 0)
 
 
+def test_put_file_streams_and_retries_send_the_same_bytes(container: Container,
+                                                          tmp_path: Path):
+    import random
+    import tempfile
+
+    data = random.Random(1).randbytes(9 * 1024 * 1024 + 123)
+    with tempfile.TemporaryFile(dir=tmp_path) as f:
+        f.write(data)
+        f.seek(4096)  # the backend seeks to 0 itself
+        container.put_file("manifests/big", f, len(data))
+        f.read()  # at EOF, as after a failed attempt: a second put sends it all again
+        container.put_file("manifests/again", f, len(data))
+    want = hashlib.sha256(data).hexdigest()
+    for name in ("manifests/big", "manifests/again"):
+        assert container.head(name) == len(data)
+        assert hashlib.sha256(container.get(name)).hexdigest() == want
+    with tempfile.TemporaryFile(dir=tmp_path) as f:
+        f.write(b"short")
+        with pytest.raises(ValueError):
+            container.put_file("manifests/short", f, 10)
+    assert container.head("manifests/short") is None
+
+
 def test_overwrite(container: Container):
     container.put("k", b"first version")
     container.put("k", b"second")
@@ -392,6 +415,9 @@ class _Flaky(Backend):
             name = container
 
             def put(self, name, data):
+                backend._maybe_fail()
+
+            def put_file(self, name, f, size):
                 backend._maybe_fail()
 
             def get(self, name, offset=0, length=None):

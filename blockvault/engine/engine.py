@@ -428,13 +428,26 @@ class Engine:
         c = self.backend.open(container, create=False)
         cfg = self._require_config(c, container)
         reader = ManifestReader(c, source_id, cfg.crypto, container)
-        builder = ManifestBuilder(target_id, cfg.crypto)
-        for raw in reader.raw_segments():
-            builder.add_raw(raw)
         header = {k: v for k, v in reader.header.items()
                   if k not in ("backup_id", "entries", "segments", "version")}
         header["cloned_from"] = source_id
-        c.put(manifest_object(target_id), builder.finish(header))
+        with self._manifest_builder(target_id, cfg.crypto) as builder:
+            for raw in reader.raw_segments():
+                builder.add_raw(raw)
+            self._put_manifest(c, target_id, builder, header)
+
+    def _manifest_builder(self, backup_id: str, crypto: Crypto) -> ManifestBuilder:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return ManifestBuilder(backup_id, crypto, self.cache_dir)
+
+    def _put_manifest(self, c: Container, backup_id: str, builder: ManifestBuilder,
+                      header: dict) -> int:
+        """Finish ``builder`` into a temporary file and upload it (streamed: manifests grow
+        with the volume's data). Returns the manifest's size."""
+        with tempfile.TemporaryFile(dir=self.cache_dir, prefix="manifest-") as f:
+            size = builder.finish(header, f)
+            c.put_file(manifest_object(backup_id), f, size)
+        return size
 
     # -- backup -------------------------------------------------------------------------
     def backup(self, *, container: str, backup_id: str, source: Path, size: int,
@@ -1113,10 +1126,7 @@ class _BackupRun:
             self._seal()
             self._reap_uploads(block=True)
             self._check_cancel()
-            manifest = self._build_manifest(backup_id, size, parent_id)
-            self.lock.refresh()
-            self.c.put(manifest_object(backup_id), manifest)
-            self.stored_bytes += len(manifest)
+            self.stored_bytes += self._write_manifest(backup_id, size, parent_id)
             report(size, force=True)
             return BackupResult(
                 object_count=self.object_count, stored_bytes=self.stored_bytes,
@@ -1134,8 +1144,18 @@ class _BackupRun:
             for idx in self._tls_indexes:
                 idx.close()
 
-    def _build_manifest(self, backup_id: str, size: int, parent_id: str | None) -> bytes:
-        builder = ManifestBuilder(backup_id, self.crypto)
+    def _write_manifest(self, backup_id: str, size: int, parent_id: str | None) -> int:
+        with self.engine._manifest_builder(backup_id, self.crypto) as builder:
+            self._fill_manifest(builder)
+            self.lock.refresh()
+            return self.engine._put_manifest(self.c, backup_id, builder, {
+                "size": size, "block_size": self.bs, "parent_id": parent_id,
+                "created_at": int(time.time()),
+                "stats": {"new_blocks": self.new_blocks, "reused_blocks": self.reused_blocks},
+            })
+
+    def _fill_manifest(self, builder: ManifestBuilder) -> None:
+        """Copy the pending entries into ``builder``, naming the packs built meanwhile."""
         self.tmp.flush()
         self.tmp.seek(0)
         names = self.pack_names
@@ -1153,8 +1173,3 @@ class _BackupRun:
                 fix = next(fixes, None)
             builder.add_raw(buf)
             first = end
-        return builder.finish({
-            "size": size, "block_size": self.bs, "parent_id": parent_id,
-            "created_at": int(time.time()),
-            "stats": {"new_blocks": self.new_blocks, "reused_blocks": self.reused_blocks},
-        })

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -197,12 +201,17 @@ class ManifestEntry:
 
 
 class ManifestBuilder:
-    """Accumulates packed entries in index order and produces the manifest object."""
+    """Accumulates packed entries in index order and writes the manifest object.
 
-    def __init__(self, backup_id: str, crypto: Crypto) -> None:
+    Sealed segments go to a temporary file (in ``tmpdir``) as they fill, not to memory: a
+    manifest holds ~40 bytes per non-zero block, over 1 GiB for a TiB of data. Close it
+    (or use it as a context manager) to drop that file."""
+
+    def __init__(self, backup_id: str, crypto: Crypto, tmpdir: Path | None = None) -> None:
         self.backup_id = backup_id
         self.crypto = crypto
-        self._segments: list[bytes] = []
+        self._segments = tempfile.TemporaryFile(dir=tmpdir, prefix="manifest-segments-")
+        self._segment_count = 0
         self._pending = bytearray()
         self._cctx = zstandard.ZstdCompressor(level=3)
         self.entries = 0
@@ -223,20 +232,38 @@ class ManifestBuilder:
         raw = bytes(self._pending[:n])
         del self._pending[:n]
         sealed = self.crypto.seal(
-            self._cctx.compress(raw), _segment_aad(self.backup_id, len(self._segments))
+            self._cctx.compress(raw), _segment_aad(self.backup_id, self._segment_count)
         )
-        self._segments.append(SEGMENT_LEN.pack(len(sealed)) + sealed)
+        self._segments.write(SEGMENT_LEN.pack(len(sealed)))
+        self._segments.write(sealed)
+        self._segment_count += 1
 
-    def finish(self, header: dict) -> bytes:
+    def finish(self, header: dict, out: BinaryIO) -> int:
+        """Write the whole manifest object to ``out`` (a new, empty file) and return its
+        size; ``out`` is left at offset 0."""
         self._flush()
         header = dict(header, backup_id=self.backup_id, entries=self.entries,
-                      segments=len(self._segments), version=FORMAT_VERSION)
+                      segments=self._segment_count, version=FORMAT_VERSION)
         hdr = self.crypto.seal(json.dumps(header).encode(), _header_aad(self.backup_id))
         flags = FLAG_ENCRYPTED if self.crypto.encrypted else 0
-        prefix = MANIFEST_PREFIX.pack(MANIFEST_MAGIC, FORMAT_VERSION, flags, len(hdr))
-        out = b"".join([prefix, hdr, *self._segments, SEGMENT_LEN.pack(0)])
-        self._segments = []
-        return out
+        out.write(MANIFEST_PREFIX.pack(MANIFEST_MAGIC, FORMAT_VERSION, flags, len(hdr)))
+        out.write(hdr)
+        self._segments.seek(0)
+        shutil.copyfileobj(self._segments, out, 1024 * 1024)
+        out.write(SEGMENT_LEN.pack(0))
+        out.flush()
+        size = out.tell()
+        out.seek(0)
+        return size
+
+    def close(self) -> None:
+        self._segments.close()
+
+    def __enter__(self) -> ManifestBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _RangeReader:

@@ -11,6 +11,10 @@ Contract of each method (modelled on restic's backend interface):
   so a retried put is harmless. ``data`` is any bytes-like object (the engine passes
   memoryviews over buffers it reuses): a backend must not keep a reference to it after
   ``put`` returns.
+- ``put_file(name, f, size)``: ``put`` of the whole content of the seekable binary file
+  ``f``, which holds exactly ``size`` bytes, streamed so that memory does not grow with the
+  object (manifests grow with a volume's data). The backend seeks ``f`` to 0 itself, so a
+  retried call sends the same bytes.
 - ``get(name, offset=0, length=None)``: the object's bytes, or ``length`` bytes from
   ``offset`` (a range read). Raises :class:`ObjectNotFound` if the object does not exist.
   A range past the end returns what exists (possibly ``b""``).
@@ -30,7 +34,9 @@ what happened without knowing which backend ran.
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Iterator
+from typing import BinaryIO
 
 
 class StoreError(Exception):
@@ -55,6 +61,22 @@ class ObjectNotFound(StoreError):
         self.container = container
 
 
+def file_md5(f: BinaryIO, size: int) -> hashlib._Hash:
+    """MD5 of the ``size`` bytes of ``f`` from offset 0, read in bounded pieces (for the
+    integrity headers of a streamed put). Leaves ``f`` at offset 0."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    f.seek(0)
+    left = size
+    while left:
+        piece = f.read(min(left, 1024 * 1024))
+        if not piece:
+            raise ValueError(f"file holds fewer than the {size} bytes to store")
+        md5.update(piece)
+        left -= len(piece)
+    f.seek(0)
+    return md5
+
+
 class Container(abc.ABC):
     """One container (bucket, directory) of a backend. Thread-safe."""
 
@@ -62,6 +84,9 @@ class Container(abc.ABC):
 
     @abc.abstractmethod
     def put(self, name: str, data: bytes | memoryview) -> None: ...
+
+    @abc.abstractmethod
+    def put_file(self, name: str, f: BinaryIO, size: int) -> None: ...
 
     @abc.abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...

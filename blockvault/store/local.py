@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from blockvault.directio import is_aligned, open_direct, pwrite_direct
 from blockvault.store.base import Backend, Container, ObjectNotFound, StorePermanentError
@@ -31,22 +32,46 @@ class LocalContainer(Container):
         return self._root / name
 
     def put(self, name: str, data: bytes) -> None:
+        mv = memoryview(data).cast("B")
+
+        def write(fd: int, tmp: str) -> None:
+            # Packs come in aligned buffers: written with O_DIRECT they skip the page cache
+            # copy (see blockvault.directio); small objects are not worth it.
+            dfd = (open_direct(tmp, os.O_WRONLY)
+                   if len(mv) >= _DIRECT_MIN and is_aligned(mv) else None)
+            try:
+                pwrite_direct(dfd, fd, mv, 0)
+            finally:
+                if dfd is not None:
+                    os.close(dfd)
+
+        self._replace(name, write)
+
+    def put_file(self, name: str, f: BinaryIO, size: int) -> None:
+        def write(fd: int, _tmp: str) -> None:
+            f.seek(0)
+            left = size
+            while left:
+                piece = f.read(min(left, 1024 * 1024))
+                if not piece:
+                    raise ValueError(f"file holds fewer than the {size} bytes to store")
+                os.write(fd, piece)  # a regular file: written whole
+                left -= len(piece)
+
+        self._replace(name, write)
+
+    def _replace(self, name: str, write: Callable[[int, str], None]) -> None:
+        """Write a temporary file next to the object with ``write(fd, path)``, fsync it and
+        rename it into place."""
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                mv = memoryview(data).cast("B")
-                # Packs come in aligned buffers: written with O_DIRECT they skip the page
-                # cache copy (see blockvault.directio); small objects are not worth it.
-                dfd = (open_direct(tmp, os.O_WRONLY)
-                       if len(mv) >= _DIRECT_MIN and is_aligned(mv) else None)
-                try:
-                    pwrite_direct(dfd, f.fileno(), mv, 0)
-                finally:
-                    if dfd is not None:
-                        os.close(dfd)
-                os.fsync(f.fileno())
+            try:
+                write(fd, tmp)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             try:

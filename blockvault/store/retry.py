@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from blockvault.store.base import Backend, Container, StoreUnavailable
 
@@ -89,6 +89,9 @@ class RetryingContainer(Container):
 
     def put(self, name: str, data: bytes) -> None:
         self._policy.run(f"PUT {self.name}/{name}", lambda: self.inner.put(name, data))
+
+    def put_file(self, name: str, f: BinaryIO, size: int) -> None:
+        self._policy.run(f"PUT {self.name}/{name}", lambda: self.inner.put_file(name, f, size))
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._policy.run(

@@ -18,7 +18,7 @@ import ipaddress
 import re
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import boto3
 import botocore.exceptions as bce
@@ -31,6 +31,7 @@ from blockvault.store.base import (
     StoreError,
     StorePermanentError,
     StoreUnavailable,
+    file_md5,
 )
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -157,12 +158,19 @@ class S3Container(Container):
 
     def put(self, name: str, data: bytes) -> None:
         data = bytes(data)
-        md5 = hashlib.md5(data, usedforsecurity=False)
+        self._put(name, data, len(data), hashlib.md5(data, usedforsecurity=False))
+
+    def put_file(self, name: str, f: BinaryIO, size: int) -> None:
+        # botocore streams a file body (and reads it once more for the SigV4 payload hash)
+        self._put(name, f, size, file_md5(f, size))
+
+    def _put(self, name: str, body: bytes | BinaryIO, size: int, md5: Any) -> None:
         resp = self._call(
             f"PUT {name}",
             "put_object",
             Key=name,
-            Body=data,
+            Body=body,
+            ContentLength=size,
             ContentMD5=base64.b64encode(md5.digest()).decode("ascii"),
             ContentType="application/octet-stream",
         )

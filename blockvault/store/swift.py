@@ -23,7 +23,7 @@ import queue
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import requests
 import swiftclient
@@ -37,6 +37,7 @@ from blockvault.store.base import (
     StoreError,
     StorePermanentError,
     StoreUnavailable,
+    file_md5,
 )
 
 #: transport-level failures: the store may be back on a retry
@@ -157,15 +158,21 @@ class SwiftContainer(Container):
 
     def put(self, name: str, data: bytes) -> None:
         data = bytes(data)
-        want = _md5_hex(data)
+        self._put(name, data, len(data), _md5_hex(data))
+
+    def put_file(self, name: str, f: BinaryIO, size: int) -> None:
+        # swiftclient sends a file body in 64 KiB pieces
+        self._put(name, f, size, file_md5(f, size).hexdigest())
+
+    def _put(self, name: str, body: bytes | BinaryIO, size: int, want: str) -> None:
         # etag= makes the proxy verify the body too (422 on mismatch)
         try:
             got = self._call(
                 f"PUT object {name} in",
                 "put_object",
                 name,
-                data,
-                content_length=len(data),
+                body,
+                content_length=size,
                 etag=want,
                 content_type="application/octet-stream",
             )
