@@ -68,6 +68,8 @@ class Settings:
     zstd_level: int = 1
     engine_workers: int = 0
     upload_concurrency: int = 4
+    #: O_DIRECT for volume reads (full backups) and writes (restores); see docs.
+    direct_io: bool = True
     #: Path of a file holding the 32-byte encryption key (raw or hex); empty = no encryption.
     encryption_key_file: str = ""
     #: The key itself as 64 hex characters (prefer the file; never logged).
@@ -110,7 +112,12 @@ class Settings:
 def _coerce(value: Any, current: Any, name: str) -> Any:
     if isinstance(current, bool):
         if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on", "y", "t")
+            word = value.strip().lower()
+            if word in ("1", "true", "yes", "on", "y", "t"):
+                return True
+            if word in ("0", "false", "no", "off", "n", "f", ""):
+                return False
+            raise ValueError(f"{name} must be true or false, not {value!r}")
         return bool(value)
     if isinstance(current, int):
         return int(value)

@@ -48,6 +48,7 @@ def make_engine(settings: Settings, backend: Backend) -> Engine:
             zstd_level=settings.zstd_level,
             workers=settings.engine_workers,
             upload_concurrency=settings.upload_concurrency,
+            direct_io=settings.direct_io,
             encryption_key=settings.encryption_key_bytes(),
         ),
     )

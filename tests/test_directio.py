@@ -140,3 +140,18 @@ def test_round_trip_with_and_without_direct_io(direct_dir: Path, direct_io: bool
                 f.write(rnd.randbytes(size))
         eng.restore(container="c", backup_id="b", target=dst, target_is_new=target_is_new)
         assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_direct_io_setting_reaches_the_engine(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    from blockvault.config import load_settings
+    from blockvault.server import make_engine
+
+    backend = LocalBackend(tmp_path / "store")
+    monkeypatch.setenv("BLOCKVAULT_DIRECT_IO", "off")
+    assert make_engine(load_settings(data_dir=tmp_path), backend).config.direct_io is False
+    monkeypatch.setenv("BLOCKVAULT_DIRECT_IO", "TRUE")
+    assert make_engine(load_settings(data_dir=tmp_path), backend).config.direct_io is True
+    monkeypatch.setenv("BLOCKVAULT_DIRECT_IO", "sometimes")
+    with pytest.raises(ValueError, match="direct_io must be true or false"):
+        load_settings(data_dir=tmp_path)
