@@ -66,6 +66,7 @@ _RESTORE_GAP_MAX = 256 * 1024  # read through gaps this small instead of splitti
 _PROGRESS_EVERY = 0.5  # seconds between progress callbacks
 _IOV_MAX = 512
 _INFLIGHT_PACK_BYTES = 32 * 1024 * 1024
+_ZSTD_FRAME_SLACK = 64  # zstd's framing of a stored (incompressible) block is ~12 bytes
 _READERS = 2  # threads reading the volume ahead of the hashing/compressing workers
 
 
@@ -874,9 +875,13 @@ class _BackupRun:
             zlist = None
         seal = self.crypto.seal_blob
         codec_c = CODEC_ZSTD if self.compression == "zstd" else CODEC_LZ4
+        # An incompressible block stays in its zstd frame (the block plus ~12 bytes of
+        # framing): copying it out of the reused read buffer instead cost ~0.2 s of
+        # GIL-held malloc and memcpy per 2 GiB, for 0.04% fewer bytes stored.
+        keep = bs + _ZSTD_FRAME_SLACK if self.compression == "zstd" else bs
         for k, (pos, idx, bid, a) in enumerate(fresh):
             z = zlist[k] if zlist is not None else None
-            if z is not None and len(z) < bs:
+            if z is not None and len(z) < keep:
                 payload, codec = z, codec_c
             else:  # stored raw: a copy, so the pack does not pin the whole read buffer
                 payload, codec = bytes(mv[a : a + bs]), CODEC_NONE
