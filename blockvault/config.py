@@ -68,7 +68,7 @@ class Settings:
     zstd_level: int = 1
     engine_workers: int = 0
     upload_concurrency: int = 4
-    #: O_DIRECT for volume reads (full backups) and writes (restores); see docs.
+    #: O_DIRECT for volume reads of full backups; see docs/configuration.md.
     direct_io: bool = True
     #: Path of a file holding the 32-byte encryption key (raw or hex); empty = no encryption.
     encryption_key_file: str = ""

@@ -20,8 +20,8 @@ class EngineConfig:
     zstd_level: int = 1  # measured: ~30% less CPU than 3 for <1% more bytes (docs/benchmarks.md)
     workers: int = 0  # hashing/compression threads; 0 = os.cpu_count()
     upload_concurrency: int = 4  # concurrent puts/gets
-    # Read volumes (backup) and write them (restore) with O_DIRECT where the filesystem
-    # allows it: no page-cache copies, no eviction of the volume users' cache (measured in
+    # Read volumes for full backups with O_DIRECT where the filesystem allows it: no
+    # page-cache copies, no eviction of the volume users' cache (measured in
     # docs/benchmarks.md). Falls back to buffered I/O by itself where refused.
     direct_io: bool = True
     # 32 bytes -> encryption on for NEW containers; required to read encrypted ones
