@@ -812,20 +812,20 @@ def test_batched_zstd_blobs_are_plain_frames(engine: Engine, store: LocalBackend
     src = make_volume(tmp_path / "vol", size=8 * MiB)
     engine.backup(container="c", backup_id="b1", source=src, size=8 * MiB)
     c = store.open("c")
-    lengths = []
+    seen = set()
     for p in packs(store):
         data = p.read_bytes()
         for e in read_pack_entries(c, p.name, Crypto(None)):
             blob = data[e.offset : e.offset + e.length]
-            # every block keeps its zstd frame, the incompressible ones too (stored by
-            # zstd as they are, plus a few bytes of framing): none is stored raw
-            assert e.codec == CODEC_ZSTD != CODEC_NONE
-            raw = zstandard.ZstdDecompressor().decompress(blob)
-            assert len(raw) == BS
+            seen.add(e.codec)
+            if e.codec == CODEC_ZSTD:
+                raw = zstandard.ZstdDecompressor().decompress(blob)
+                assert len(raw) == BS and e.length < BS
+            else:  # incompressible: the raw block (taken from zstd's stored block)
+                assert e.codec == CODEC_NONE and e.length == BS
+                raw = blob
             assert Crypto(None).block_id(raw) == e.block_id
-            lengths.append(e.length)
-    assert min(lengths) < BS // 2  # text compressed
-    assert BS < max(lengths) <= BS + 64  # random data framed, not inflated
+    assert seen == {CODEC_ZSTD, CODEC_NONE}
 
 
 def test_corrupt_blob_in_a_batched_run_loses_only_that_block(
@@ -846,3 +846,24 @@ def test_corrupt_blob_in_a_batched_run_loses_only_that_block(
         engine.restore(container="c", backup_id="b1", target=new_target(tmp_path / "o"),
                        target_is_new=True)
     assert ei.value.object_name == name and "hash check" in str(ei.value)
+
+
+def test_zstd_stored_block_is_found_exactly() -> None:
+    """Incompressible blocks are taken verbatim out of zstd's frame (no copy): only a frame
+    that is exactly one raw block of the whole input qualifies."""
+    import zstandard
+
+    from blockvault.engine.engine import _zstd_stored_block
+
+    plain = zstandard.ZstdCompressor(level=1)
+    for size in (4096, BS, 65536, 131072):
+        data = random.Random(size).randbytes(size)
+        got = _zstd_stored_block(plain.compress(data), size)
+        assert got is not None and bytes(got) == data
+        assert _zstd_stored_block(plain.compress(data), size // 2) is None
+    assert _zstd_stored_block(plain.compress(text(BS, 1)), BS) is None  # compressed block
+    big = random.Random(1).randbytes(4 * MiB)  # several blocks: not one raw block
+    assert _zstd_stored_block(plain.compress(big), len(big)) is None
+    summed = zstandard.ZstdCompressor(level=1, write_checksum=True)
+    assert _zstd_stored_block(summed.compress(random.Random(2).randbytes(BS)), BS) is None
+    assert _zstd_stored_block(None, BS) is None
