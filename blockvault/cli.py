@@ -266,8 +266,23 @@ def backup_show(client: Client, backup_id: str) -> None:
 def backup_verify(client: Client, backup_id: str) -> None:
     """Check every block of a backup (present, decrypts, hash matches) and wait for it."""
     client.call("POST", f"/backups/{backup_id}/verify")
+    _wait_verification(client, f"/backups/{backup_id}/verify")
+
+
+@backup.command("verify-container")
+@click.argument("container")
+@pass_client
+def backup_verify_container(client: Client, container: str) -> None:
+    """Check every block of every backup in CONTAINER through the API (admin) and wait."""
+    v = client.call("POST", "/os-container-verifications",
+                    json={"verification": {"container": container}})["verification"]
+    _wait_verification(client, f"/os-container-verifications/{v['id']}")
+
+
+def _wait_verification(client: Client, path: str) -> None:
+    """Poll a verification until it ends; print it; exit 1 unless it found all well."""
     while True:
-        v = client.call("GET", f"/backups/{backup_id}/verify")["verification"]
+        v = client.call("GET", path)["verification"]
         if v["state"] in ("ok", "failed"):
             break
         time.sleep(0.5)

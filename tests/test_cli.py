@@ -76,3 +76,10 @@ def test_verify_commands_find_corruption(server, tmp_path):
                           "--data-dir", str(server.data_dir)], env=env, capture_output=True,
                          text=True, timeout=120, check=False)
     assert run.returncode == 1 and f"corrupt: {pack.relative_to(pack.parents[2])}" in run.stdout
+    # the same check through the API, as an admin
+    env["BLOCKVAULT_TOKEN"] = "admin:admin"
+    run = subprocess.run([sys.executable, "-m", "blockvault.cli", "backup", "verify-container",
+                          "volumebackups"], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 1 and str(pack.relative_to(pack.parents[2])) in run.stdout
+    assert '"state": "failed"' in run.stdout

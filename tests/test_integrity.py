@@ -139,3 +139,51 @@ def test_delete_during_running_backup_then_everything_is_freed(server, alice):
     while set(_packs(server)) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert set(_packs(server)) - before == set()
+
+
+def _verify_container(api, container: str) -> dict:
+    r = api.post("/os-container-verifications", {"verification": {"container": container}})
+    assert r.status_code == 202, r.text
+    started = r.json()["verification"]
+    assert started["container"] == container and started["state"] in ("queued", "running")
+    deadline = time.monotonic() + 60
+    while True:
+        v = api.get(f"/os-container-verifications/{started['id']}").json()["verification"]
+        if v["state"] in ("ok", "failed"):
+            assert v["id"] == started["id"]
+            return v
+        assert time.monotonic() < deadline, v
+        time.sleep(0.1)
+
+
+def test_container_verification_is_admin_only_and_names_bad_packs(server, alice, bob, admin):
+    container = f"cv-{os.urandom(4).hex()}"
+    blocks = 0
+    for user, mib in ((alice, 2), (bob, 1)):  # two projects share one container
+        vol = user.create_volume(1)
+        user.write(vol, 0, os.urandom(mib * MiB))
+        user.create_backup(vol, container=container)
+        blocks += mib * MiB // 32768
+    v = _verify_container(admin, container)
+    assert (v["state"], v["checked_blocks"], v["missing"], v["corrupt"], v["error"]) == (
+        "ok", blocks, [], [], None)
+
+    # a tenant may not check (or read the report of) a container others' backups share
+    r = alice.post("/os-container-verifications", {"verification": {"container": container}})
+    assert r.status_code == 403 and "Policy doesn't allow" in r.json()["forbidden"]["message"]
+    r = alice.get(f"/os-container-verifications/{v['id']}")
+    assert r.status_code == 403
+    assert admin.get("/os-container-verifications/no-such-id").status_code == 404
+    r = admin.post("/os-container-verifications", {"verification": {}})
+    assert r.status_code == 400 and "badRequest" in r.json()
+
+    root = server.data_dir / "store" / container
+    victim = sorted(root.rglob("packs/*/*"))[0]
+    data = bytearray(victim.read_bytes())
+    data[50] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    v = _verify_container(admin, container)
+    assert v["state"] == "failed" and v["corrupt"] == [str(victim.relative_to(root))]
+
+    v = _verify_container(admin, f"never-used-{os.urandom(4).hex()}")
+    assert v["state"] == "failed" and v["error"], v

@@ -8,6 +8,7 @@ from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
 from blockvault.api.http import Call, Endpoint, accepted, json_response, list_response
 from blockvault.api.views import backup_detail, backup_summary, isotime
+from blockvault.db.models import Job
 
 
 def _summary(call: Call, backup) -> dict:
@@ -136,12 +137,15 @@ def show_verify(call: Call) -> Response:
     job = call.services.backups.verification(call.ctx, backup_id)
     if job is None:
         raise HTTPFault(404, f"Backup {backup_id} has not been verified.")
+    return json_response({"verification": {"backup_id": backup_id, **_verification(job)}})
+
+
+def _verification(job: Job) -> dict:
     report = job.result or {}
     state = {"queued": "queued", "running": "running"}.get(job.state)
     if state is None:
         state = "ok" if report.get("ok") else "failed"
-    return json_response({"verification": {
-        "backup_id": backup_id,
+    return {
         "state": state,
         "checked_blocks": report.get("checked_blocks", 0),
         "missing": report.get("missing", []),
@@ -149,7 +153,25 @@ def show_verify(call: Call) -> Response:
         "error": report.get("error") or job.error,
         "started_at": isotime(job.started_at),
         "finished_at": isotime(job.finished_at),
-    }})
+    }
+
+
+def start_container_verify(call: Call) -> Response:
+    """blockvault extension (admin): check every block of every backup in a container."""
+    schemas.validate(schemas.container_verification, call.body)
+    container = call.body["verification"]["container"]
+    job = call.services.backups.verify_container(call.ctx, container)
+    return json_response(_container_verification(job), 202)
+
+
+def show_container_verify(call: Call) -> Response:
+    job = call.services.backups.container_verification(call.ctx, call.path["verification_id"])
+    return json_response(_container_verification(job))
+
+
+def _container_verification(job: Job) -> dict:
+    return {"verification": {"id": job.id, "container": job.params["container"],
+                             **_verification(job)}}
 
 
 ENDPOINTS = [
@@ -166,4 +188,6 @@ ENDPOINTS = [
     Endpoint("GET", "/backups/{backup_id}/progress", progress),
     Endpoint("POST", "/backups/{backup_id}/verify", start_verify),
     Endpoint("GET", "/backups/{backup_id}/verify", show_verify),
+    Endpoint("POST", "/os-container-verifications", start_container_verify, body="json"),
+    Endpoint("GET", "/os-container-verifications/{verification_id}", show_container_verify),
 ]

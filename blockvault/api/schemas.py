@@ -79,6 +79,11 @@ import_record = _obj(
     },
     ("backup-record",),
 )
+container_verification = _obj(
+    {"verification": _obj({"container": {"type": "string", "minLength": 1, "maxLength": 255}},
+                          ("container",))},
+    ("verification",),
+)
 reset_status = _obj(
     {"os-reset_status": _obj({"status": {"type": "string", "format": "backup_status"}},
                              ("status",))},

@@ -197,6 +197,30 @@ class BackupService:
                 .order_by(Job.created_at.desc())
             ).first()
 
+    def verify_container(self, ctx: RequestContext, container: str) -> Job:
+        """Queue a check of every block every backup of ``container`` references
+        (blockvault extension, admin only: a container may hold several projects' backups,
+        so its report is not a tenant's to see)."""
+        ctx.require_admin("backup:verify_container")
+        reason = self.validate_container(container)
+        if reason:
+            raise invalid_input(f"Container name {container} is not valid: {reason}")
+        with self.db.session() as s:
+            # Jobs are keyed by backup; a container check belongs to none.
+            job = Job(kind="verify_container", backup_id="", params={"container": container})
+            s.add(job)
+            s.flush()
+        self.wake_workers()
+        return job
+
+    def container_verification(self, ctx: RequestContext, verification_id: str) -> Job:
+        ctx.require_admin("backup:verify_container")
+        with self.db.session() as s:
+            job = s.get(Job, verification_id)
+            if job is None or job.kind != "verify_container":
+                raise NotFound(f"Container verification {verification_id} could not be found.")
+            return job
+
     # -- create -------------------------------------------------------------------------
 
     def create(

@@ -75,6 +75,7 @@ class Tasks:
             "delete": self.delete,
             "import": self.import_record,
             "verify": self.verify,
+            "verify_container": self.verify_container,
             "record": self.write_record,
         }
 
@@ -421,15 +422,24 @@ class Tasks:
             report = {"ok": False, "checked_blocks": 0, "missing": [], "corrupt": [],
                       "error": "the backup holds no data to verify"}
         else:
-            try:
-                rep = self.engine.verify(container=container, backup_id=job.backup_id)
-                report = {"ok": rep.ok, "checked_blocks": rep.checked_blocks,
-                          "missing": rep.missing, "corrupt": rep.corrupt, "error": None}
-            except (StoreError, EngineError) as exc:
-                report = {"ok": False, "checked_blocks": 0, "missing": [], "corrupt": [],
-                          "error": fail_reason(exc)}
+            report = self._verify_report(container, job.backup_id)
         with self.db.session() as s:
             s.execute(update(Job).where(Job.id == job.id).values(result=report))
+
+    def verify_container(self, job: Job) -> None:
+        """Check every block every backup of a container references."""
+        report = self._verify_report(job.params["container"], None)
+        with self.db.session() as s:
+            s.execute(update(Job).where(Job.id == job.id).values(result=report))
+
+    def _verify_report(self, container: str, backup_id: str | None) -> dict:
+        try:
+            rep = self.engine.verify(container=container, backup_id=backup_id)
+        except (StoreError, EngineError) as exc:
+            return {"ok": False, "checked_blocks": 0, "missing": [], "corrupt": [],
+                    "error": fail_reason(exc)}
+        return {"ok": rep.ok, "checked_blocks": rep.checked_blocks,
+                "missing": rep.missing, "corrupt": rep.corrupt, "error": None}
 
     # -- failure ----------------------------------------------------------------------------
 
