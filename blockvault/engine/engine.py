@@ -1089,10 +1089,13 @@ class _BackupRun:
         fd = os.open(source, os.O_RDONLY)
         # Direct reads save the kernel's copy into fresh cache pages: most of the system
         # time of a full backup, which is CPU-bound (it compresses all it reads). An
-        # incremental mostly hashes and compares and is bound by the device, where the
-        # kernel's asynchronous readahead reads ~25% faster than our synchronous direct
-        # reads (docs/benchmarks.md). So: direct without a parent, buffered with one.
-        use_direct = self.engine.config.direct_io and not self.parent.usable
+        # incremental that reads everything mostly hashes and compares and is bound by the
+        # device, where the kernel's asynchronous readahead reads ~25% faster than our
+        # synchronous direct reads (docs/benchmarks.md); one that reads only changed
+        # ranges would have readahead fetch far past each range. So: buffered only for an
+        # incremental that reads the whole volume.
+        use_direct = self.engine.config.direct_io and (
+            not self.parent.usable or ranges is not None)
         self.direct_fd = open_direct(source, os.O_RDONLY) if use_direct else None
         try:
             try:  # doubles the kernel's readahead window (for what is read buffered)
