@@ -61,18 +61,25 @@ class ObjectNotFound(StoreError):
         self.container = container
 
 
-def file_md5(f: BinaryIO, size: int) -> hashlib._Hash:
-    """MD5 of the ``size`` bytes of ``f`` from offset 0, read in bounded pieces (for the
-    integrity headers of a streamed put). Leaves ``f`` at offset 0."""
-    md5 = hashlib.md5(usedforsecurity=False)
+def file_pieces(f: BinaryIO, size: int) -> Iterator[bytes]:
+    """The ``size`` bytes of ``f`` from offset 0, in pieces of at most 1 MiB (for
+    ``put_file``); ValueError if the file holds fewer."""
     f.seek(0)
     left = size
     while left:
         piece = f.read(min(left, 1024 * 1024))
         if not piece:
             raise ValueError(f"file holds fewer than the {size} bytes to store")
-        md5.update(piece)
         left -= len(piece)
+        yield piece
+
+
+def file_md5(f: BinaryIO, size: int) -> hashlib._Hash:
+    """MD5 of the ``size`` bytes of ``f`` (for the integrity headers of a streamed put).
+    Leaves ``f`` at offset 0."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    for piece in file_pieces(f, size):
+        md5.update(piece)
     f.seek(0)
     return md5
 

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from blockvault.directio import is_aligned, open_direct, pwrite_direct
-from blockvault.store.base import Backend, Container, ObjectNotFound, StorePermanentError
+from blockvault.store.base import (
+    Backend,
+    Container,
+    ObjectNotFound,
+    StorePermanentError,
+    file_pieces,
+)
 
 # Container names become directory names: keep them to one safe path component.
 _CONTAINER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -49,14 +55,8 @@ class LocalContainer(Container):
 
     def put_file(self, name: str, f: BinaryIO, size: int) -> None:
         def write(fd: int, _tmp: str) -> None:
-            f.seek(0)
-            left = size
-            while left:
-                piece = f.read(min(left, 1024 * 1024))
-                if not piece:
-                    raise ValueError(f"file holds fewer than the {size} bytes to store")
+            for piece in file_pieces(f, size):
                 os.write(fd, piece)  # a regular file: written whole
-                left -= len(piece)
 
         self._replace(name, write)
 
