@@ -853,7 +853,7 @@ def test_zstd_stored_block_is_found_exactly() -> None:
     that is exactly one raw block of the whole input qualifies."""
     import zstandard
 
-    from blockvault.engine.engine import _zstd_stored_block
+    from blockvault.engine.codecs import zstd_stored_block as _zstd_stored_block
 
     plain = zstandard.ZstdCompressor(level=1)
     for size in (4096, BS, 65536, 131072):

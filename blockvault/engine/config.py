@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,3 +62,20 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.missing and not self.corrupt
+
+
+_PROGRESS_EVERY = 0.5  # seconds between progress callbacks
+
+
+class Throttle:
+    def __init__(self, progress: Progress | None, total: int, phase: str) -> None:
+        self.progress, self.total, self.phase = progress, total, phase
+        self.last = 0.0
+
+    def __call__(self, done: int, force: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= _PROGRESS_EVERY:
+            self.last = now
+            self.progress(min(done, self.total), self.total, self.phase)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -26,6 +27,13 @@ CODEC_ZSTD = 1
 CODEC_LZ4 = 2  # LZ4 block format, no size header (the raw size is the block size)
 
 CONFIG_NAME = "config"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_id(backup_id: str) -> None:
+    """Backup ids name objects: refuse anything but one safe path component."""
+    if not _ID_RE.match(backup_id):
+        raise ValueError(f"invalid backup id {backup_id!r}")
 
 
 def pack_object(name_hex: str) -> str:
