@@ -7,6 +7,7 @@ heads, deletes and lists objects). Retries live in one wrapper that serves every
 from blockvault.store.base import (
     Backend,
     Container,
+    ObjectInfo,
     ObjectNotFound,
     StoreError,
     StorePermanentError,
@@ -16,6 +17,7 @@ from blockvault.store.base import (
 __all__ = [
     "Backend",
     "Container",
+    "ObjectInfo",
     "ObjectNotFound",
     "StoreError",
     "StorePermanentError",

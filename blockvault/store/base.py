@@ -21,7 +21,17 @@ Contract of each method (modelled on restic's backend interface):
 - ``head(name)``: the object's size in bytes, or ``None`` if it does not exist.
 - ``delete(name)``: remove the object. Deleting a missing object is not an error.
 - ``list(prefix)``: the names of all objects whose name starts with ``prefix``, in any
-  order. Must return every object, paginating as the backend needs.
+  order. Must return every object, paginating as the backend needs. A listing that could not
+  be read whole raises; it never returns fewer names (garbage collection would take the
+  missing ones for deleted). It may lag behind writes and deletes (Swift's listings are
+  eventually consistent): callers that delete rely on ``docs/format.md``'s grace periods,
+  never on a listing being up to date.
+- ``list_info(prefix)``: as ``list``, with each object's size and modification time.
+- ``stat(name)``: the object's :class:`ObjectInfo`, or ``None`` if it does not exist.
+
+Modification times (``ObjectInfo.mtime``, seconds since the epoch as a float) are the
+*store's* clock: the time the store gave the object when it was last written. They are
+comparable with each other and with :meth:`Container.clock`, never with a worker's clock.
 
 Errors: :class:`StoreUnavailable` for transient failures (connection refused/reset, timeout,
 5xx, throttling) that a retry may cure; :class:`StorePermanentError` for failures a retry
@@ -35,7 +45,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 
@@ -84,6 +96,13 @@ def file_md5(f: BinaryIO, size: int) -> hashlib._Hash:
     return md5
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    mtime: float  # store's clock, seconds since the epoch
+
+
 class Container(abc.ABC):
     """One container (bucket, directory) of a backend. Thread-safe."""
 
@@ -106,6 +125,25 @@ class Container(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    @abc.abstractmethod
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    @abc.abstractmethod
+    def stat(self, name: str) -> ObjectInfo | None: ...
+
+    def clock(self) -> float:
+        """The store's current time: the modification time of a probe object written now.
+        Time comparisons that decide a deletion use this clock and object mtimes only."""
+        name = f"clock/{uuid.uuid4().hex}"
+        self.put(name, b"")
+        try:
+            info = self.stat(name)
+        finally:
+            self.delete(name)
+        if info is None:
+            raise StoreUnavailable(f"the store lost probe object {name} right after writing it")
+        return info.mtime
 
 
 class Backend(abc.ABC):
