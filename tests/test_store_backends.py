@@ -19,6 +19,7 @@ import pytest
 from blockvault.store.base import (
     Backend,
     Container,
+    ObjectInfo,
     ObjectNotFound,
     StorePermanentError,
     StoreUnavailable,
@@ -208,6 +209,75 @@ def test_list_paginates(kind, backend: Backend):
     listed = list(c.list("p/"))
     assert len(listed) == len(names)
     assert sorted(listed) == names
+
+
+# The test stores (a directory, the SAIO) run on this machine, so their clock is ours give or
+# take S3's whole-second Last-Modified (Swift's proxy rounds it up) and scheduling delays.
+CLOCK_SLACK = 3.0
+
+
+def test_clock_is_the_store_time(container: Container):
+    before = time.time()
+    t = container.clock()
+    after = time.time()
+    assert before - CLOCK_SLACK <= t <= after + CLOCK_SLACK
+    assert list(container.list("clock/")) == []  # the probe object is gone
+
+
+def test_stat(container: Container):
+    t0 = container.clock()
+    container.put("s/a", b"12345")
+    a = container.stat("s/a")
+    t1 = container.clock()
+    assert a is not None and (a.name, a.size) == ("s/a", 5)
+    assert t0 - CLOCK_SLACK <= a.mtime <= t1 + CLOCK_SLACK
+    assert container.stat("s/missing") is None
+    assert container.stat("s") is None  # a prefix is not an object
+    container.delete("s/a")
+    assert container.stat("s/a") is None
+
+
+def test_later_put_has_later_mtime(container: Container):
+    container.put("m/first", b"1")
+    container.put("m/second", b"2")  # at once: the same second at least
+    first, second = container.stat("m/first"), container.stat("m/second")
+    assert second.mtime >= first.mtime
+    time.sleep(1.1)  # past S3's whole-second resolution
+    container.put("m/first", b"rewritten")
+    again = container.stat("m/first")
+    assert again.size == 9 and again.mtime > first.mtime
+    listed = {i.name: i for i in container.list_info("m/")}
+    assert listed["m/first"].mtime > listed["m/second"].mtime
+
+
+def test_list_info(container: Container):
+    t0 = container.clock()
+    objects = {"i/a": b"", "i/b": b"xy", "i/sub/c": b"xyz" * 100, "j/d": b"d"}
+    for name, data in objects.items():
+        container.put(name, data)
+    t1 = container.clock()
+    infos = list(container.list_info("i/"))
+    assert sorted(i.name for i in infos) == ["i/a", "i/b", "i/sub/c"]
+    for info in infos:
+        assert info.size == len(objects[info.name])
+        assert t0 - CLOCK_SLACK <= info.mtime <= t1 + CLOCK_SLACK
+        # a listing and a HEAD give the same time, up to S3's whole seconds
+        assert abs(info.mtime - container.stat(info.name).mtime) <= 1.0
+    assert sorted(i.name for i in container.list_info()) == sorted(objects)
+    assert list(container.list_info("zzz")) == []
+    container.delete("i/b")
+    assert sorted(i.name for i in container.list_info("i")) == ["i/a", "i/sub/c"]
+
+
+def test_list_info_paginates(kind, backend: Backend):
+    c = backend.open(new_container_name())
+    c.inner.list_page_size = 3 if kind != "s3" else 2  # several pages from a few objects
+    names = [f"p/{i:02d}" for i in range(7)]
+    for n in names:
+        c.put(n, n.encode())
+    infos = list(c.list_info("p/"))
+    assert sorted(i.name for i in infos) == names
+    assert all(i.size == 4 for i in infos)
 
 
 # ------------------------------------------------------------ configuration ---
@@ -435,6 +505,14 @@ class _Flaky(Backend):
                 backend._maybe_fail()
                 yield from ["a", "b"]
 
+            def list_info(self, prefix=""):
+                backend._maybe_fail()
+                yield from [ObjectInfo("a", 4, 1.0), ObjectInfo("b", 4, 2.0)]
+
+            def stat(self, name):
+                backend._maybe_fail()
+                return ObjectInfo(name, 4, 1.0)
+
         return C()
 
     def validate_container_name(self, container):
@@ -452,6 +530,20 @@ def test_retry_recovers_from_transient_errors():
     inner.calls, inner.failures = 0, 2
     assert list(c.list()) == ["a", "b"]  # the first page is retried too
     assert b.kind == "flaky" and b.validate_container_name("bad") == "never"
+
+
+def test_retry_covers_stat_and_list_info():
+    inner = _Flaky(2, StoreUnavailable("503 Service Unavailable"))
+    c = RetryingBackend(inner, attempts=3, sleep=lambda d: None).open("c")
+    assert c.stat("x") == ObjectInfo("x", 4, 1.0)
+    assert inner.calls == 3
+    inner.calls = 0
+    assert [i.name for i in c.list_info()] == ["a", "b"]
+    assert inner.calls == 3
+    inner.calls, inner.failures = 0, 100
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        c.stat("x")
+    assert inner.calls == 3
 
 
 def test_retry_gives_up_after_attempts():

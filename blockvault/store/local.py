@@ -11,12 +11,14 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from stat import S_ISREG
 from typing import BinaryIO
 
 from blockvault.directio import is_aligned, open_direct, pwrite_direct
 from blockvault.store.base import (
     Backend,
     Container,
+    ObjectInfo,
     ObjectNotFound,
     StorePermanentError,
     file_pieces,
@@ -90,10 +92,17 @@ class LocalContainer(Container):
             raise ObjectNotFound(name, self.name) from None
 
     def head(self, name: str) -> int | None:
+        info = self.stat(name)
+        return None if info is None else info.size
+
+    def stat(self, name: str) -> ObjectInfo | None:
         try:
-            return self._path(name).stat().st_size
-        except FileNotFoundError:
+            st = self._path(name).stat()
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        if not S_ISREG(st.st_mode):
+            return None  # a directory of the layout, not an object
+        return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def delete(self, name: str) -> None:
         try:
@@ -102,15 +111,32 @@ class LocalContainer(Container):
             pass
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        root = str(self._root)
-        for dirpath, _dirs, files in os.walk(root):
-            rel = os.path.relpath(dirpath, root)
-            for fname in files:
-                if fname.startswith(".tmp-"):
-                    continue
-                name = fname if rel == "." else f"{rel}/{fname}".replace(os.sep, "/")
-                if name.startswith(prefix):
-                    yield name
+        for info in self.list_info(prefix):
+            yield info.name
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        yield from self._walk(str(self._root), "", prefix)
+
+    def _walk(self, path: str, rel: str, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects under directory ``path`` (``rel`` is its name in the container, with a
+        trailing ``/``), skipping subtrees that cannot hold a name starting with ``prefix``."""
+        with os.scandir(path) as it:
+            entries = list(it)
+        for entry in entries:
+            name = rel + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                sub = name + "/"
+                if sub.startswith(prefix) or prefix.startswith(sub):
+                    yield from self._walk(entry.path, sub, prefix)
+                continue
+            if entry.name.startswith(".tmp-") or not name.startswith(prefix):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted since the directory was read
+            if S_ISREG(st.st_mode):
+                yield ObjectInfo(name, st.st_size, st.st_mtime)
 
 
 class LocalBackend(Backend):

@@ -8,8 +8,8 @@ the store was unreachable. :class:`StorePermanentError` and :class:`ObjectNotFou
 retried. Retrying is safe because every operation of the contract is idempotent (puts write
 the same bytes under a content-addressed name; deleting a missing object is not an error).
 
-``list`` is retried while fetching the first page; once names have been handed to the caller
-a failure propagates (restarting would hand out names twice).
+``list`` and ``list_info`` are retried while fetching the first page; once names have been
+handed to the caller a failure propagates (restarting would hand out names twice).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, TypeVar
 
-from blockvault.store.base import Backend, Container, StoreUnavailable
+from blockvault.store.base import Backend, Container, ObjectInfo, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +101,24 @@ class RetryingContainer(Container):
     def head(self, name: str) -> int | None:
         return self._policy.run(f"HEAD {self.name}/{name}", lambda: self.inner.head(name))
 
+    def stat(self, name: str) -> ObjectInfo | None:
+        return self._policy.run(f"HEAD {self.name}/{name}", lambda: self.inner.stat(name))
+
     def delete(self, name: str) -> None:
         self._policy.run(f"DELETE {self.name}/{name}", lambda: self.inner.delete(name))
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        def first() -> tuple[Iterator[str], list[str]]:
-            it = iter(self.inner.list(prefix))
-            head: list[str] = []
-            for name in it:  # pull the first name so the first page is fetched here
-                head.append(name)
+        return self._list(prefix, self.inner.list)
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._list(prefix, self.inner.list_info)
+
+    def _list(self, prefix: str, listing: Callable[[str], Iterator[T]]) -> Iterator[T]:
+        def first() -> tuple[Iterator[T], list[T]]:
+            it = iter(listing(prefix))
+            head: list[T] = []
+            for item in it:  # pull the first item so the first page is fetched here
+                head.append(item)
                 break
             return it, head
 

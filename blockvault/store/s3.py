@@ -13,6 +13,7 @@ Credentials not given fall back to the standard AWS chain (``AWS_ACCESS_KEY_ID``
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import ipaddress
 import re
@@ -27,6 +28,7 @@ from botocore.config import Config
 from blockvault.store.base import (
     Backend,
     Container,
+    ObjectInfo,
     ObjectNotFound,
     StoreError,
     StorePermanentError,
@@ -134,6 +136,20 @@ def _map_error(exc: BaseException, what: str) -> StoreError:
     raise exc
 
 
+def _mtime(fields: dict[str, Any], name: str) -> float:
+    """``LastModified`` of a HeadObject answer or a listing entry (botocore parses it into
+    an aware datetime) as seconds since the epoch."""
+    value = fields.get("LastModified")
+    if not isinstance(value, datetime.datetime):
+        # a store that omits it will not start sending it on a retry
+        raise StorePermanentError(
+            f"s3: {name}: the store gave no valid LastModified ({value!r})"
+        )
+    if value.tzinfo is None:  # the protocol's times are UTC
+        value = value.replace(tzinfo=datetime.UTC)
+    return value.timestamp()
+
+
 class S3Container(Container):
     #: keys per ListObjectsV2 page (1000 is the S3 maximum)
     list_page_size = 1000
@@ -213,13 +229,22 @@ class S3Container(Container):
             raise _map_error(exc, f"GET {name} (bucket {self.name})") from exc
 
     def head(self, name: str) -> int | None:
+        resp = self._head(name)
+        return None if resp is None else int(resp.get("ContentLength", 0))
+
+    def stat(self, name: str) -> ObjectInfo | None:
+        resp = self._head(name)
+        if resp is None:
+            return None
+        return ObjectInfo(name, int(resp.get("ContentLength", 0)), _mtime(resp, name))
+
+    def _head(self, name: str) -> dict[str, Any] | None:
         try:
-            resp = self._call(f"HEAD {name}", "head_object", Key=name)
+            return self._call(f"HEAD {name}", "head_object", Key=name)
         except StoreError as exc:
             if self._missing(exc):
                 return None
             raise
-        return int(resp.get("ContentLength", 0))
 
     def delete(self, name: str) -> None:
         try:
@@ -229,6 +254,10 @@ class S3Container(Container):
                 raise
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        for info in self.list_info(prefix):
+            yield info.name
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"MaxKeys": self.list_page_size}
@@ -238,7 +267,8 @@ class S3Container(Container):
                 kwargs["ContinuationToken"] = token
             resp = self._call("list", "list_objects_v2", **kwargs)
             for item in resp.get("Contents", []) or []:
-                yield item["Key"]
+                key = item["Key"]
+                yield ObjectInfo(key, int(item.get("Size", 0)), _mtime(item, key))
             if not resp.get("IsTruncated"):
                 return
             token = resp.get("NextContinuationToken")

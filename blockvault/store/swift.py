@@ -17,6 +17,8 @@ Connections do not each authenticate again.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import hashlib
 import http.client
 import queue
@@ -33,6 +35,7 @@ from swiftclient.exceptions import ClientException
 from blockvault.store.base import (
     Backend,
     Container,
+    ObjectInfo,
     ObjectNotFound,
     StoreError,
     StorePermanentError,
@@ -99,6 +102,42 @@ def _map_error(exc: BaseException, what: str) -> StoreError:
             return StoreUnavailable(f"swift: {what}: keystone unreachable: {name}: {exc}")
         return StorePermanentError(f"swift: {what}: keystone authentication failed: {name}")
     raise exc  # a bug, not a store failure: let it surface
+
+
+def _listing_mtime(item: dict[str, Any]) -> float:
+    """``last_modified`` of a JSON container listing entry: ISO 8601 in UTC without a zone
+    suffix (``2024-05-01T12:00:00.123450``)."""
+    value = item.get("last_modified")
+    try:
+        when = datetime.datetime.fromisoformat(str(value))
+    except ValueError:
+        # a store that sends no usable time will not send one on a retry
+        raise StorePermanentError(
+            f"swift: listing entry {item.get('name')!r} has no valid last_modified ({value!r})"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def _head_mtime(hdrs: dict[str, str], name: str) -> float:
+    """The object's time from HEAD headers: X-Timestamp (sub-second, the same time the
+    listing shows) or else Last-Modified (whole seconds, rounded up by the proxy)."""
+    stamp = hdrs.get("x-timestamp")
+    if stamp:
+        try:
+            return float(stamp.split("_")[0])  # an internal form may carry an offset
+        except ValueError:
+            pass
+    modified = hdrs.get("last-modified")
+    if modified:
+        try:
+            return email.utils.parsedate_to_datetime(modified).timestamp()
+        except (TypeError, ValueError):
+            pass
+    raise StorePermanentError(
+        f"swift: HEAD {name}: no valid X-Timestamp or Last-Modified ({stamp!r}, {modified!r})"
+    )
 
 
 class _ConnectionPool:
@@ -210,11 +249,20 @@ class SwiftContainer(Container):
         return bytes(body)
 
     def head(self, name: str) -> int | None:
+        hdrs = self._head(name)
+        return None if hdrs is None else int(hdrs.get("content-length", 0))
+
+    def stat(self, name: str) -> ObjectInfo | None:
+        hdrs = self._head(name)
+        if hdrs is None:
+            return None
+        return ObjectInfo(name, int(hdrs.get("content-length", 0)), _head_mtime(hdrs, name))
+
+    def _head(self, name: str) -> dict[str, str] | None:
         try:
-            hdrs = self._call(f"HEAD object {name} in", "head_object", name)
+            return self._call(f"HEAD object {name} in", "head_object", name)
         except _NotFound:
             return None
-        return int(hdrs.get("content-length", 0))
 
     def delete(self, name: str) -> None:
         try:
@@ -223,6 +271,10 @@ class SwiftContainer(Container):
             pass
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        for info in self.list_info(prefix):
+            yield info.name
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
         marker = ""
         while True:
             try:
@@ -238,7 +290,9 @@ class SwiftContainer(Container):
             if not page:
                 return
             for item in page:
-                yield item["name"]
+                yield ObjectInfo(
+                    item["name"], int(item.get("bytes", 0)), _listing_mtime(item)
+                )
             marker = page[-1]["name"]
 
 
