@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import stat
 from collections import deque
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from blockvault.engine.blobs import Run, decode_run, raw_entries, runs
 from blockvault.engine.config import Progress, Throttle
-from blockvault.engine.errors import Cancelled, DataError
+from blockvault.engine.errors import Cancelled, DataError, EngineError
 from blockvault.engine.format import ManifestReader, check_id, manifest_object
 
 if TYPE_CHECKING:
@@ -47,21 +48,87 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # errors: fsync reports
 
+
 _ZEROS = bytes(1024 * 1024)
 
 
-def zero_range(fd: int, offset: int, length: int) -> None:
+class TargetError(EngineError):
+    """Writing the restore target failed (it is full, over a file size limit, or the device
+    failed): the restore did not complete and the target holds a mix of old and new bytes.
+    ``errno`` is the OS error number (None when the OS reported none)."""
+
+    def __init__(self, message: str, target: str, err: int | None = None) -> None:
+        super().__init__(message)
+        self.target = target
+        self.errno = err
+
+
+# Errors that mean "no room": the message says so plainly, so an operator frees space or
+# grows the volume instead of hunting for a bug.
+_FULL = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the filesystem or the file size limit",
+}
+
+
+def _target_error(target: Path | str, doing: str, e: OSError) -> TargetError:
+    """A TargetError for ``e``, raised while ``doing`` (e.g. "at offset 4096")."""
+    reason = _FULL.get(e.errno or 0)
+    if reason is not None:
+        msg = f"restore target {target} is full ({reason}) {doing}"
+    else:
+        name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
+        msg = f"restore target {target} failed {doing}: {name} ({e.strerror or e})"
+    return TargetError(msg, str(target), e.errno)
+
+
+def write_all(fd: int, bufs: list, offset: int, target: Path | str) -> None:
+    """Write ``bufs`` back to back at ``offset``, all of them or raise TargetError.
+
+    pwritev may write less than asked without failing: a filesystem that fills up mid-call
+    returns what fit, and only the next call fails with ENOSPC. Ignoring the count would
+    leave the rest of the range holding old bytes (or zeros) under a "successful" restore,
+    so a short write continues with the remainder of the buffers."""
+    views = [memoryview(b) for b in bufs]
+    pos = offset
+    k = 0  # first buffer not yet fully written
+    while k < len(views):
+        try:
+            n = os.pwritev(fd, views[k : k + _IOV_MAX], pos)
+        except OSError as e:
+            raise _target_error(target, f"at offset {pos}", e) from e
+        if n <= 0:  # no progress and no error: retrying could spin forever
+            raise TargetError(f"restore target {target} accepted no bytes at offset {pos}",
+                              str(target))
+        pos += n
+        while k < len(views) and n >= len(views[k]):
+            n -= len(views[k])
+            k += 1
+        if n:
+            views[k] = views[k][n:]
+    _start_writeback(fd, offset, pos - offset)
+
+
+def zero_range(fd: int, offset: int, length: int, target: Path | str) -> None:
+    """Make ``length`` bytes at ``offset`` read as zeros: punch a hole, or where the
+    filesystem refuses, write zeros (every byte of them, or raise TargetError)."""
     if length <= 0:
         return
     mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
     if _fallocate is not None and _fallocate(fd, mode, offset, length) == 0:
         return
+    zeros = memoryview(_ZEROS)
     end = offset + length
     while offset < end:
-        n = min(len(_ZEROS), end - offset)
-        os.pwrite(fd, _ZEROS[:n] if n < len(_ZEROS) else _ZEROS, offset)
-        offset += n
-
+        try:
+            n = os.pwrite(fd, zeros[: min(len(zeros), end - offset)], offset)
+        except OSError as e:
+            raise _target_error(target, f"at offset {offset}", e) from e
+        if n <= 0:  # as in write_all: a count of 0 is no progress, not success
+            raise TargetError(f"restore target {target} accepted no bytes at offset {offset}",
+                              str(target))
+        offset += n  # a short write continues where it stopped
 
 
 def restore(engine: Engine, *, container: str, backup_id: str, target: Path, target_is_new: bool,
@@ -78,13 +145,19 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
     nblocks = -(-size // bs)
     crypto = cfg.crypto
     report = Throttle(progress, size, "restore")
-    fd = os.open(target, os.O_WRONLY)
+    try:
+        fd = os.open(target, os.O_WRONLY)
+    except OSError as e:
+        raise _target_error(target, "opening it", e) from e
     pool = ThreadPoolExecutor(max_workers=engine.config.upload_concurrency + engine.workers,
                               thread_name_prefix="bv-restore")
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_size < size:
-            os.ftruncate(fd, size)
+            try:
+                os.ftruncate(fd, size)
+            except OSError as e:
+                raise _target_error(target, f"growing it to {size} bytes", e) from e
 
         def fetch_and_write(run: Run) -> None:
             blocks = decode_run(c, crypto, run, bs)
@@ -101,8 +174,7 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
                 bufs = [b for _, b in blocks[i:j]]
                 if blocks[j - 1][0] == nblocks - 1 and size % bs:
                     bufs[-1] = memoryview(bufs[-1])[: size % bs]
-                n = os.pwritev(fd, bufs, first * bs)
-                _start_writeback(fd, first * bs, n)
+                write_all(fd, bufs, first * bs, target)
                 i = j
 
         next_idx = 0
@@ -112,7 +184,7 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
             if idx < next_idx or idx >= nblocks:
                 raise DataError(f"manifest {name} is corrupt (block order)", name)
             if not target_is_new and idx > next_idx:
-                zero_range(fd, next_idx * bs, min(idx * bs, size) - next_idx * bs)
+                zero_range(fd, next_idx * bs, min(idx * bs, size) - next_idx * bs, target)
             next_idx = idx + 1
 
         pending: deque[Future] = deque()
@@ -127,8 +199,13 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
         while pending:
             pending.popleft().result()
         if not target_is_new and next_idx < nblocks:
-            zero_range(fd, next_idx * bs, size - next_idx * bs)
-        os.fsync(fd)
+            zero_range(fd, next_idx * bs, size - next_idx * bs, target)
+        try:
+            # Delayed allocation, thin provisioning and network filesystems may report a
+            # full device only here: the data is not on disk, so this is a failed restore.
+            os.fsync(fd)
+        except OSError as e:
+            raise _target_error(target, "flushing it to disk", e) from e
         report(size, force=True)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
