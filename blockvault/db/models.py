@@ -6,12 +6,50 @@ import datetime as dt
 import uuid
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import FunctionElement
 
 
 def utcnow() -> dt.datetime:
     """Naive UTC, as Cinder stores and prints it."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class db_now(FunctionElement):  # noqa: N801  (reads as a function in queries)
+    """The database's current UTC time plus ``seconds``, as a naive DateTime.
+
+    Leases are set and compared with this, never with a worker's clock: workers on several
+    hosts (or one paused, or one whose clock jumped) then agree on which lease ran out.
+    On SQLite the value has exactly the text form SQLAlchemy stores DateTime columns in
+    (``YYYY-MM-DD HH:MM:SS.ffffff``), so comparisons are like with like.
+    """
+
+    type = DateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = float(seconds)
+        super().__init__()
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler, **kw) -> str:
+    return f"(CURRENT_TIMESTAMP + INTERVAL '{element.seconds:.6f} seconds')"
+
+
+@compiles(db_now, "postgresql")
+def _db_now_pg(element: db_now, compiler, **kw) -> str:
+    # statement_timestamp(), not now(): a transaction's start may be long past.
+    return (f"(timezone('UTC', statement_timestamp()) "
+            f"+ make_interval(secs => {element.seconds:.6f}))")
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler, **kw) -> str:
+    # %f is SS.SSS; three more digits give SQLAlchemy's own microsecond text form.
+    return (f"(strftime('%Y-%m-%d %H:%M:%f', 'now', '{element.seconds:+.3f} seconds') "
+            "|| '000')")
 
 
 def new_id() -> str:
@@ -127,6 +165,13 @@ class Job(Base):
     #: queued -> running -> done | failed
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     owner: Mapped[str | None] = mapped_column(String(255))
+    #: the current attempt's fencing token, new at every claim: every write that finishes
+    #: an attempt is conditional on it (a stale attempt's writes change nothing)
+    token: Mapped[str | None] = mapped_column(String(32))
+    #: every attempt's token, space-separated: what each attempt may have written in the
+    #: store under its own storage id, for clean-up
+    tokens: Mapped[str | None] = mapped_column(Text)
+    #: set and compared with the DB's clock (db_now), never a worker's
     lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -138,3 +183,15 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Runner(Base):
+    """A job runner (one per process) and when it last proved the DB writable."""
+
+    __tablename__ = "runners"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime)
