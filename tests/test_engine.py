@@ -22,7 +22,6 @@ from blockvault.engine import (
     EngineError,
     FormatError,
     KeyMismatch,
-    locks,
 )
 from blockvault.engine.format import ManifestReader
 from blockvault.store.local import LocalBackend
@@ -102,7 +101,20 @@ def store(tmp_path: Path) -> LocalBackend:
 
 @pytest.fixture
 def engine(store: LocalBackend, tmp_path: Path) -> Engine:
-    return Engine(store, tmp_path / "cache", EngineConfig(pack_size=1 * MiB, workers=2))
+    return Engine(store, tmp_path / "cache", EngineConfig(pack_size=1 * MiB, workers=2,
+                                                          gc_grace=GRACE, store_lag=0.0))
+
+
+GRACE = 0.3  # seconds: garbage collection's grace period in these tests
+
+
+def drain_gc(engine: Engine, container: str = "c") -> None:
+    """Collect until nothing waits: condemned packs are deleted a grace period later."""
+    for _ in range(20):
+        if engine.collect_garbage(container=container):
+            return
+        time.sleep(GRACE)
+    raise AssertionError("garbage collection never finished")
 
 
 def packs(store: LocalBackend, container: str = "c") -> list[Path]:
@@ -131,8 +143,8 @@ def test_full_backup_round_trip_keeps_holes(
     assert res.stored_bytes < 2 * MiB + 100_000 + 400_000 + 5000 + 300_000
     assert progress[-1] == (size, size, "backup")
     assert engine.has_backup(container="c", backup_id="b1")
-    assert not (store.root / "c" / "locks").exists() or not list(
-        (store.root / "c" / "locks").iterdir()
+    assert not (store.root / "c" / "gc").exists() or not list(
+        (store.root / "c" / "gc").rglob("*")
     )
 
     dst = new_target(tmp_path / "restored")
@@ -471,56 +483,9 @@ def test_delete_collects_garbage(engine: Engine, store: LocalBackend, tmp_path: 
     engine.delete(container="c", backup_id="b1")
     engine.delete(container="c", backup_id="a2")
     engine.delete(container="c", backup_id="a2")  # idempotent
+    drain_gc(engine)
     assert packs(store) == []
     assert engine.verify(container="c").ok
-
-
-def _put_lock(store: LocalBackend, name: str, age: float = 0.0) -> None:
-    c = store.open("c")
-    c.put(name, json.dumps({"time": time.time() - age}).encode())
-
-
-def test_gc_skipped_while_a_backup_runs(
-    engine: Engine, store: LocalBackend, tmp_path: Path
-) -> None:
-    src = make_volume(tmp_path / "vol", size=8 * MiB)
-    engine.backup(container="c", backup_id="b1", source=src, size=8 * MiB)
-    n = len(packs(store))
-    _put_lock(store, "locks/backup-other")  # another host is backing up
-    engine.delete(container="c", backup_id="b1")
-    assert len(packs(store)) == n  # garbage kept for a later GC
-    assert [p.name for p in (store.root / "c" / "locks").iterdir()] == ["backup-other"]
-    # a stale lock (its owner crashed long ago) does not block GC
-    _put_lock(store, "locks/backup-other", age=locks.STALE_AFTER + 10)
-    engine.delete(container="c", backup_id="b1")
-    assert packs(store) == []
-
-
-def test_backup_waits_for_running_gc(
-    engine: Engine, store: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(locks, "GC_WAIT_POLL", 0.05)
-    src = make_volume(tmp_path / "vol", size=4 * MiB)
-    _put_lock(store, "locks/gc-1234")
-    done: list[object] = []
-    t = threading.Thread(
-        target=lambda: done.append(
-            engine.backup(container="c", backup_id="b1", source=src, size=4 * MiB)
-        )
-    )
-    t.start()
-    time.sleep(0.4)
-    assert not done and not engine.has_backup(container="c", backup_id="b1")
-    store.open("c").delete("locks/gc-1234")
-    t.join(30)
-    assert done and engine.has_backup(container="c", backup_id="b1")
-    # and gives up (without a manifest) if the GC never finishes
-    monkeypatch.setattr(locks, "GC_WAIT_MAX", 0.2)
-    _put_lock(store, "locks/gc-5678")
-    with pytest.raises(EngineError):
-        engine.backup(container="c", backup_id="b2", source=src, size=4 * MiB)
-    assert not engine.has_backup(container="c", backup_id="b2")
-    assert not store.open("c").head("locks/backup-b2")
 
 
 def test_cancel_leaves_no_manifest(engine: Engine, store: LocalBackend, tmp_path: Path) -> None:
@@ -536,9 +501,9 @@ def test_cancel_leaves_no_manifest(engine: Engine, store: LocalBackend, tmp_path
     with pytest.raises(Cancelled):
         engine.backup(container="c", backup_id="b1", source=src, size=24 * MiB, cancelled=cancelled)
     assert not engine.has_backup(container="c", backup_id="b1")
-    assert list(store.open("c").list("locks/")) == []
-    # the next GC removes what the cancelled backup uploaded
-    engine.delete(container="c", backup_id="b1")
+    assert list(store.open("c").list("gc/")) == []
+    # garbage collection removes what the cancelled backup uploaded
+    drain_gc(engine)
     assert packs(store) == []
     with pytest.raises(Cancelled):
         engine.backup(
@@ -576,7 +541,8 @@ def test_concurrent_backups_in_threads(store: LocalBackend, tmp_path: Path) -> N
 
 def test_encryption_round_trip_and_wrong_key(store: LocalBackend, tmp_path: Path) -> None:
     key = os.urandom(32)
-    eng = Engine(store, tmp_path / "cache", EngineConfig(encryption_key=key, pack_size=2 * MiB))
+    eng = Engine(store, tmp_path / "cache", EngineConfig(encryption_key=key, pack_size=2 * MiB,
+                                                         gc_grace=GRACE, store_lag=0.0))
     src = make_volume(tmp_path / "vol", size=8 * MiB)
     marker = b"PLAINTEXT-MARKER-" * 100
     with open(src, "r+b") as f:
@@ -624,6 +590,7 @@ def test_encryption_round_trip_and_wrong_key(store: LocalBackend, tmp_path: Path
     assert not eng.verify(container="c").ok
     eng.delete(container="c", backup_id="b1")
     eng.delete(container="c", backup_id="b2")
+    drain_gc(eng)
     assert packs(store) == []
 
 
@@ -694,11 +661,14 @@ def test_unknown_format_and_corrupt_manifest(engine: Engine, store: LocalBackend
     assert rep.corrupt == ["manifests/b2"] and rep.checked_blocks > 0
     # GC cannot know what a corrupt manifest references: it deletes nothing
     n = len(packs(store))
-    engine.delete(container="c", backup_id="b1")
+    assert engine.delete(container="c", backup_id="b1") is False  # to be collected again
+    time.sleep(GRACE)
+    with pytest.raises(EngineError, match="nothing deleted"):
+        engine.collect_garbage(container="c")
     assert len(packs(store)) == n
     cfg_path = store.root / "c" / "config"
     cfg = json.loads(cfg_path.read_bytes())
-    cfg["version"] = 2
+    cfg["version"] = 3
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(FormatError):
         engine.backup(container="c", backup_id="b3", source=src, size=4 * MiB)
@@ -770,7 +740,8 @@ def test_clone_backup_survives_deleting_the_source(tmp_path):
         f.truncate(8 * 1024 * 1024)
         f.seek(1024 * 1024)
         f.write(os.urandom(3 * 1024 * 1024))
-    engine = Engine(LocalBackend(tmp_path / "store"), tmp_path / "cache")
+    engine = Engine(LocalBackend(tmp_path / "store"), tmp_path / "cache",
+                    EngineConfig(gc_grace=GRACE, store_lag=0.0))
     engine.backup(container="c", backup_id="orig", source=src, size=src.stat().st_size)
     engine.clone_backup(container="c", source_id="orig", target_id="copy")
     engine.delete(container="c", backup_id="orig")
@@ -780,6 +751,7 @@ def test_clone_backup_survives_deleting_the_source(tmp_path):
     engine.restore(container="c", backup_id="copy", target=out, target_is_new=True)
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     engine.delete(container="c", backup_id="copy")
+    drain_gc(engine)
     assert list((tmp_path / "store" / "c").rglob("packs/*/*")) == []
 
 

@@ -24,7 +24,6 @@ import lz4.block
 import zstandard
 
 from blockvault.directio import AlignedBuffer, open_direct
-from blockvault.engine import locks
 from blockvault.engine.codecs import thread_codecs, zstd_stored_block
 from blockvault.engine.config import BackupResult, Progress, Throttle
 from blockvault.engine.errors import Cancelled, DataError, EngineError
@@ -38,9 +37,11 @@ from blockvault.engine.format import (
     ManifestBuilder,
     ManifestReader,
     build_trailer,
+    entry_packs,
     pack_object,
 )
 from blockvault.engine.index import Index
+from blockvault.engine.marks import write_refs
 from blockvault.engine.source import READ_CHUNK, chunks, read_into, volume_length
 from blockvault.store import Container, StoreError
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 ENTRY_SIZE = MANIFEST_ENTRY.size
 _ENTRY_INDEX = struct.Struct("<Q")  # an entry's first field: its block index
 _ENTRY_PACK_AT = struct.calcsize("<Q32s")  # where an entry's pack name starts
+_ENTRY_PACK = struct.Struct("<40x32s9x")  # just an entry's pack name
 _INFLIGHT_PACK_BYTES = 32 * 1024 * 1024
 _READERS = 2  # threads reading the volume ahead of the hashing/compressing workers
 
@@ -137,8 +139,8 @@ class BackupRun:
     """
 
     def __init__(self, engine: Engine, c: Container, container: str, cfg: ContainerConfig,
-                 index: Index, index_writer: Index, lock: locks.Lock,
-                 cancelled: Callable[[], bool] | None) -> None:
+                 index: Index, index_writer: Index, cancelled: Callable[[], bool] | None,
+                 bad: frozenset[bytes] = frozenset()) -> None:
         self.engine = engine
         self.c = c
         self.container = container
@@ -147,8 +149,21 @@ class BackupRun:
         self.bs = cfg.block_size
         self.index = index  # lookups, calling thread only
         self.index_writer = index_writer  # inserts, upload threads under index_mu
-        self.lock = lock
         self.cancelled = cancelled
+        # Packs not to reference: condemned by garbage collection or known to be gone.
+        # Parent entries in them are read again from the volume (a lost pack is not
+        # carried on from backup to backup).
+        self.bad = bad
+        # Packs this run references through the index (old packs; the run's own are in
+        # pack_names), published while it runs (see _publish_refs), and every pack its
+        # manifest references, for the check against garbage collection at the end.
+        self.used: set[bytes] = set()
+        self.referenced: set[bytes] = set()
+        self.refs_objects: list[str] = []
+        # Publish often enough that a fresh list is always visible to a collection:
+        # collections honour lists younger than gc_grace, seen up to store_lag late.
+        self._refs_every = max(0.5, (engine.config.gc_grace - 2 * engine.config.store_lag) / 4)
+        self._refs_at = time.monotonic()
         ec = engine.config
         self.level = ec.zstd_level
         self.compression = ec.compression
@@ -320,9 +335,11 @@ class BackupRun:
         """The parent's entries for blocks [lo, hi) (streamed; earlier ones are dropped)."""
         out: dict[int, tuple] = {}
         try:
+            bad = self.bad
             for raw in self.parent.take(lo, hi):
                 for e in MANIFEST_ENTRY.iter_unpack(raw):
-                    out[e[0]] = e
+                    if not bad or e[2] not in bad:
+                        out[e[0]] = e
         except (DataError, StoreError) as e:
             # These blocks are being read anyway: go on comparing with the index only.
             log.warning("parent manifest unreadable, continuing without it: %s", e)
@@ -330,10 +347,12 @@ class BackupRun:
         return out or None
 
     def _pack(self, items: list[tuple]) -> None:
+        used = self.used
         for it in items:
             kind = it[0]
             if kind == "known":
                 self.reused_blocks += 1
+                used.add(it[3])
                 self._emit(*it[1:])
                 continue
             if kind == "new":
@@ -355,6 +374,8 @@ class BackupRun:
             if loc is None:  # cannot happen: the first copy was packed before
                 raise EngineError(f"internal error: lost block {it[2].hex()}")
             self.reused_blocks += 1
+            if loc[0]:
+                used.add(loc[0])
             self._emit(it[1], it[2], *loc)
         self.tmp.write(b"".join(self.out))
         self.out.clear()
@@ -397,7 +418,8 @@ class BackupRun:
             data.release()
         finally:
             self._pack_bufs.put(buf)
-        self.pack_names[seq] = name
+        with self.index_mu:
+            self.pack_names[seq] = name
         # Only uploaded packs enter the shared index (other backups may dedup against it).
         # One writer at a time; SQLite releases the GIL so this overlaps the pipeline.
         with self.index_mu:
@@ -441,13 +463,49 @@ class BackupRun:
         if prev < nblocks:
             yield "copy", prev, nblocks
 
-    def _copy_parent(self, lo: int, hi: int) -> None:
+    def _copy_parent(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
         """Reuse the parent's entries for blocks [lo, hi) (unchanged by promise), as they
-        are. A parent that turns unreadable here cannot be replaced by reading: fail."""
+        are, except those in a bad pack: yields the block ranges [a, b) of those, in block
+        order, for the caller to read before this continues. A parent that turns unreadable
+        here cannot be replaced by reading: fail."""
         for raw in self.parent.take(lo, hi):
-            f: Future = Future()
-            f.set_result(raw)  # in the queue, so that it lands in block order
-            self._queue(f)
+            for part in self._without_bad(raw):
+                if isinstance(part, tuple):
+                    yield part
+                    continue
+                f: Future = Future()
+                f.set_result(part)  # in the queue, so that it lands in block order
+                self._queue(f)
+
+    def _without_bad(self, raw: memoryview) -> Iterator[memoryview | tuple[int, int]]:
+        """Split packed entries into runs of good entries and block ranges in bad packs."""
+        data = bytes(raw) if self.bad else b""
+        if not any(data.find(p) >= 0 for p in self.bad):
+            yield raw  # the common case: no bad pack, no work per entry
+            return
+        start = 0
+        for i, pack in enumerate(_ENTRY_PACK.iter_unpack(data)):
+            if pack[0] in self.bad:
+                if i > start:
+                    yield raw[start * ENTRY_SIZE : i * ENTRY_SIZE]
+                idx = _ENTRY_INDEX.unpack_from(data, i * ENTRY_SIZE)[0]
+                yield (idx, idx + 1)
+                start = i + 1
+        if start * ENTRY_SIZE < len(data):
+            yield raw[start * ENTRY_SIZE :]
+
+    def _publish_refs(self) -> None:
+        """Publish the packs this run references but no manifest names yet, so a garbage
+        collection leaves them alone however long the run takes (docs/format.md)."""
+        if time.monotonic() - self._refs_at < self._refs_every:
+            return
+        with self.index_mu:
+            packs = self.used.union(self.pack_names.values())
+        self.refs_objects.append(write_refs(self.c, self.crypto, packs))
+        for old in self.refs_objects[:-1]:
+            self.c.delete(old)
+        del self.refs_objects[:-1]
+        self._refs_at = time.monotonic()
 
     def _queue(self, f: Future) -> None:
         """Results enter the calling thread in block order; at most ``depth`` in flight."""
@@ -522,18 +580,24 @@ class BackupRun:
             self._free_bufs.put(AlignedBuffer(READ_CHUNK))
         try:
             readable = min(size, volume_length(fd))
+            def read(a: int, b: int) -> None:
+                parent = self._parent_slice(a // bs, (a + b) // bs)
+                # Blocks while every buffer is being read or digested: bounded memory.
+                rb = self._free_bufs.get()
+                done = readers.submit(self._read, rb, fd, a, b, readable)
+                self._queue(pool.submit(self._process, done, rb, a, b, parent))
+
             for kind, a, b in self._work(fd, readable, nblocks, ranges):
                 self._check_cancel()
-                self.lock.refresh()
+                self._publish_refs()
                 if kind == "read":
-                    parent = self._parent_slice(a // bs, (a + b) // bs)
-                    # Blocks while every buffer is being read or digested: bounded memory.
-                    rb = self._free_bufs.get()
-                    read = readers.submit(self._read, rb, fd, a, b, readable)
-                    self._queue(pool.submit(self._process, read, rb, a, b, parent))
+                    read(a, b)
                     report(a)
                 else:
-                    self._copy_parent(a, b)
+                    for lo, hi in self._copy_parent(a, b):
+                        for off, length in chunks(fd, readable, bs, start=lo * bs,
+                                                  stop=hi * bs):
+                            read(off, length)
                     report(b * bs)
             while self.comp_q:
                 self._accept(self.comp_q.popleft().result())
@@ -562,7 +626,6 @@ class BackupRun:
     def _write_manifest(self, backup_id: str, size: int, parent_id: str | None) -> int:
         with self.engine._manifest_builder(backup_id, self.crypto) as builder:
             self._fill_manifest(builder)
-            self.lock.refresh()
             return self.engine._put_manifest(self.c, backup_id, builder, {
                 "size": size, "block_size": self.bs, "parent_id": parent_id,
                 "created_at": int(time.time()),
@@ -585,4 +648,5 @@ class BackupRun:
                     seq = int.from_bytes(buf[at + 28 : at + 32], "little")
                     buf[at : at + 32] = names[seq]
                 at = buf.find(marker, at + 1)
+            self.referenced |= entry_packs(buf)
             builder.add_raw(buf)

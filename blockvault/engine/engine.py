@@ -4,29 +4,30 @@ stage has its own module, as restic splits them: ``archiver`` (backup), ``restor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from blockvault.engine import checker, locks, restorer
+from blockvault.engine import checker, prune, restorer
 from blockvault.engine.archiver import BackupRun
 from blockvault.engine.config import BackupResult, EngineConfig, Progress, VerifyReport
 from blockvault.engine.crypto import Crypto, SealError
 from blockvault.engine.errors import DataError, EngineError
 from blockvault.engine.format import (
     CONFIG_NAME,
+    CONFIG_VERSION,
     FORMAT_VERSION,
-    MANIFEST_ENTRY,
     ContainerConfig,
     ManifestBuilder,
     ManifestReader,
     check_id,
+    entry_packs,
     make_config,
     manifest_object,
     parse_config,
@@ -38,6 +39,7 @@ from blockvault.store import Backend, Container, ObjectNotFound, StoreError
 log = logging.getLogger(__name__)
 
 _RECORD_MAGIC = b"BVRE"
+_PASSES = 3  # backup passes before giving up on data that collections keep condemning
 
 
 _DEFAULT_CONFIG = EngineConfig()
@@ -69,7 +71,14 @@ class Engine:
                     doc = make_config(cfg.block_size, cfg.compression, cfg.encryption_key)
                     c.put(CONFIG_NAME, json.dumps(doc, indent=2).encode())
                 data = c.get(CONFIG_NAME)
-        return parse_config(container, data, self.config.encryption_key)
+        parsed = parse_config(container, data, self.config.encryption_key)
+        if create and parsed.raw.get("version") != CONFIG_VERSION:
+            # This engine writes version 2 packs and gc objects: an older engine must
+            # refuse the container rather than misread them.
+            doc = dict(parsed.raw, version=CONFIG_VERSION)
+            c.put(CONFIG_NAME, json.dumps(doc, indent=2).encode())
+            parsed = dataclasses.replace(parsed, raw=doc)
+        return parsed
 
     def _require_config(self, c: Container, container: str) -> ContainerConfig:
         cfg = self._config(c, container, create=False)
@@ -125,11 +134,11 @@ class Engine:
     def clone_backup(self, *, container: str, source_id: str, target_id: str) -> None:
         """Give backup ``target_id`` a manifest of its own with ``source_id``'s content.
 
-        Used when a backup record is imported under a new id: each backup then owns its
-        manifest, and the packs both reference live until neither references them. The
-        manifest is re-sealed (its id is bound into every segment), streamed segment by
-        segment. Packs stay referenced by the source manifest throughout, so a concurrent
-        garbage collection cannot free them under the copy.
+        Used when a backup record is imported: each backup then owns its manifest, and the
+        packs both reference live until neither references them. The manifest is re-sealed
+        (its id is bound into every segment), streamed segment by segment. If the source
+        is deleted meanwhile and garbage collection condemned its packs before the copy
+        became visible, the copy is removed again and DataError raised.
         """
         check_id(source_id)
         check_id(target_id)
@@ -139,10 +148,30 @@ class Engine:
         header = {k: v for k, v in reader.header.items()
                   if k not in ("backup_id", "entries", "segments", "version")}
         header["cloned_from"] = source_id
+        referenced: set[bytes] = set()
         with self._manifest_builder(target_id, cfg.crypto) as builder:
             for raw in reader.raw_segments():
+                referenced |= entry_packs(raw)
                 builder.add_raw(raw)
             self._put_manifest(c, target_id, builder, header)
+        lost = prune.condemned_since(c, cfg, referenced, self.config.gc_grace,
+                                     self.config.store_lag)
+        if lost:
+            prune.discard(c, target_id)
+            raise DataError(f"the data of backup {source_id} was deleted while it was being "
+                            f"copied ({len(lost)} packs condemned by garbage collection)",
+                            manifest_object(source_id))
+
+    def manifest_info(self, *, container: str, backup_id: str) -> dict:
+        """What a backup's manifest says about it: ``size`` (bytes), ``block_size``,
+        ``parent_id``, ``created_at``. DataError if it is missing or unreadable."""
+        check_id(backup_id)
+        c = self.backend.open(container, create=False)
+        cfg = self._require_config(c, container)
+        m = ManifestReader(c, backup_id, cfg.crypto, container)
+        return {"size": m.size, "block_size": m.block_size,
+                "parent_id": m.header.get("parent_id"),
+                "created_at": m.header.get("created_at")}
 
     def _manifest_builder(self, backup_id: str, crypto: Crypto) -> ManifestBuilder:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -177,35 +206,61 @@ class Engine:
         if size < 0:
             raise ValueError("size must not be negative")
         c = self.backend.open(container)
-        lock = locks.acquire_backup_lock(c, backup_id, cancelled)
+        cfg = self._config(c, container, create=True)
+        assert cfg is not None
+        index = Index(self._cache_path(container))
+        writer = Index(self._cache_path(container))
+        runs: list[BackupRun] = []
         try:
-            cfg = self._config(c, container, create=True)
-            assert cfg is not None
-            index = Index(self._cache_path(container))
-            writer = Index(self._cache_path(container))
-            try:
+            bad: frozenset[bytes] = frozenset()
+            for _ in range(_PASSES):
                 if progress is not None:
                     progress(0, size, "index")
-                index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled)
-                run = BackupRun(self, c, container, cfg, index, writer, lock, cancelled)
+                bad |= index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled)
+                run = BackupRun(self, c, container, cfg, index, writer, cancelled, bad)
+                runs.append(run)
                 result = run.run(backup_id, Path(source), size, parent_id, progress, changed)
-                if record is not None:
-                    rec = self._encode_record(cfg, backup_id, record)
-                    c.put(record_object(backup_id), rec)
-                    result = BackupResult(
-                        object_count=result.object_count,
-                        stored_bytes=result.stored_bytes + len(rec),
-                        logical_bytes=result.logical_bytes, new_blocks=result.new_blocks,
-                        reused_blocks=result.reused_blocks, zero_blocks=result.zero_blocks)
-                return result
-            finally:
-                index.close()
-                writer.close()
+                lost = self._lost_references(c, cfg, index, run)
+                if not lost:
+                    break
+                # Rare: a collection condemned (or the store lost) packs this backup
+                # references. Another pass reads those blocks again and stores them anew.
+                log.warning("backup %s references %d condemned or missing packs; "
+                            "backing up those blocks again", backup_id, len(lost))
+                prune.discard(c, backup_id)
+                bad |= lost
+            else:
+                raise DataError(f"backup {backup_id} could not be completed: garbage "
+                                "collection kept condemning the data it references")
+            if record is not None:
+                rec = self._encode_record(cfg, backup_id, record)
+                c.put(record_object(backup_id), rec)
+                result = dataclasses.replace(result, stored_bytes=result.stored_bytes + len(rec))
+            return result
         finally:
-            try:
-                lock.release()
-            except StoreError as e:  # the lock goes stale on its own; don't mask the result
-                log.warning("could not remove backup lock %s: %s", lock.name, e)
+            index.close()
+            writer.close()
+            for run in runs:  # the manifest (or the failure) has made them moot
+                for name in run.refs_objects:
+                    try:
+                        c.delete(name)
+                    except StoreError as e:  # expires by itself (gc_grace)
+                        log.warning("could not remove reference list %s: %s", name, e)
+
+    def _lost_references(self, c: Container, cfg: ContainerConfig, index: Index,
+                         run: BackupRun) -> set[bytes]:
+        """Packs the run's manifest references that a collection may delete unseen, or
+        that the index does not know (gone from the store; not uploaded by this run)."""
+        lost = prune.condemned_since(c, cfg, run.referenced, self.config.gc_grace,
+                                     self.config.store_lag)
+        own = set(run.pack_names.values())
+        return lost | (run.referenced - own - index.known(run.referenced - own))
+
+    def discard(self, *, container: str, backup_id: str) -> None:
+        """Remove a backup's manifest and record without collecting garbage (an attempt
+        that lost to another one). Idempotent."""
+        check_id(backup_id)
+        prune.discard(self.backend.open(container, create=False), backup_id)
 
     # -- stages -------------------------------------------------------------------------
     def restore(self, *, container: str, backup_id: str, target: Path, target_is_new: bool,
@@ -217,65 +272,23 @@ class Engine:
     def verify(self, *, container: str, backup_id: str | None = None) -> VerifyReport:
         return checker.verify(self, container=container, backup_id=backup_id)
 
-    def delete(self, *, container: str, backup_id: str) -> None:
+    def delete(self, *, container: str, backup_id: str) -> bool:
+        """Remove a backup, then collect garbage. Returns what ``collect_garbage`` returns;
+        a collection that fails is logged and reported as False (to be run again): the
+        backup itself is gone either way."""
         check_id(backup_id)
         c = self.backend.open(container, create=False)
         # Check the key before deleting anything, so a wrong key fails cleanly.
         self._config(c, container, create=False)
-        c.delete(manifest_object(backup_id))
-        c.delete(record_object(backup_id))
-        self.collect_garbage(container=container, _c=c)
-
-    def collect_garbage(self, *, container: str, _c: Container | None = None) -> bool:
-        """Delete every pack no manifest references. Returns False if skipped because a
-        backup is running (or a manifest could not be read)."""
-        c = _c or self.backend.open(container, create=False)
-        lock = locks.acquire_gc_lock(c)
-        if lock is None:
-            log.info("garbage collection in %s skipped: a backup is running", container)
+        prune.discard(c, backup_id)
+        try:
+            return prune.collect_garbage(self, container, c)
+        except (EngineError, StoreError) as e:
+            log.warning("garbage collection in %s after deleting %s failed: %s",
+                        container, backup_id, e)
             return False
-        try:
-            return self._gc_locked(c, container, lock)
-        finally:
-            try:
-                lock.release()
-            except StoreError as e:
-                log.warning("could not remove gc lock %s: %s", lock.name, e)
 
-    def _gc_locked(self, c: Container, container: str, lock: locks.Lock) -> bool:
-        cfg = self._config(c, container, create=False)
-        ref = sqlite3.connect("")
-        try:
-            ref.execute("CREATE TABLE ref (pack BLOB PRIMARY KEY) WITHOUT ROWID")
-            for mname in c.list("manifests/"):
-                bid = mname[len("manifests/"):]
-                lock.refresh()
-                if cfg is None:
-                    log.warning("gc in %s skipped: manifests exist but no config", container)
-                    return False
-                try:
-                    m = ManifestReader(c, bid, cfg.crypto, container)
-                    for raw in m.raw_segments():
-                        packs = {e[2] for e in MANIFEST_ENTRY.iter_unpack(raw)}
-                        ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
-                                        ((p,) for p in packs))
-                except EngineError as e:  # corrupt, unknown version, sealed with another key
-                    if c.head(mname) is None:
-                        continue  # deleted meanwhile: its packs are garbage too
-                    # We cannot tell what this manifest references: delete nothing.
-                    log.warning("gc in %s skipped: %s", container, e)
-                    return False
-            for obj in c.list("packs/"):
-                lock.refresh()
-                hexname = obj.rsplit("/", 1)[-1]
-                try:
-                    key = bytes.fromhex(hexname)
-                except ValueError:
-                    continue
-                if len(key) != 32:
-                    continue
-                if ref.execute("SELECT 1 FROM ref WHERE pack = ?", (key,)).fetchone() is None:
-                    c.delete(obj)
-            return True
-        finally:
-            ref.close()
+    def collect_garbage(self, *, container: str) -> bool:
+        """Sweep and condemn unreferenced packs (docs/format.md). True when nothing waits
+        for a later collection; False when one is due ``gc_grace`` seconds from now."""
+        return prune.collect_garbage(self, container, self.backend.open(container, create=False))

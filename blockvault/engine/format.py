@@ -20,7 +20,15 @@ from blockvault.engine.crypto import Crypto, SealError
 from blockvault.engine.errors import DataError, FormatError, KeyMismatch
 from blockvault.store import Container, ObjectNotFound
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # manifests and records
+#: Version 2 containers hold version 2 packs (a random salt in each trailer, so no two
+#: uploads ever make the same pack name) and the garbage collection objects under ``gc/``.
+#: Version 1 containers are read as they are and upgraded on their first write.
+CONFIG_VERSION = 2
+CONFIG_VERSIONS = (1, 2)
+PACK_VERSION = 2
+PACK_VERSIONS = (1, 2)
+PACK_SALT = 16
 
 CODEC_NONE = 0
 CODEC_ZSTD = 1
@@ -63,7 +71,7 @@ class ContainerConfig:
 def make_config(block_size: int, compression: str, key: bytes | None) -> dict:
     doc: dict = {
         "format": "blockvault",
-        "version": FORMAT_VERSION,
+        "version": CONFIG_VERSION,
         "block_size": block_size,
         "hash": "blake3",
         "compression": compression,
@@ -89,10 +97,10 @@ def parse_config(container: str, data: bytes, key: bytes | None) -> ContainerCon
             raise ValueError("not a blockvault config")
     except ValueError as e:
         raise DataError(f"config of container {container} is corrupt: {e}", CONFIG_NAME) from None
-    if doc.get("version") != FORMAT_VERSION:
+    if doc.get("version") not in CONFIG_VERSIONS:
         raise FormatError(
             f"container {container} has format version {doc.get('version')!r}; "
-            f"this engine reads version {FORMAT_VERSION}"
+            f"this engine reads versions {', '.join(map(str, CONFIG_VERSIONS))}"
         )
     bs = doc.get("block_size")
     if not isinstance(bs, int) or bs <= 0 or bs & (bs - 1):
@@ -137,10 +145,12 @@ class PackEntry:
 
 
 def build_trailer(entries: list[tuple[bytes, int, int, int, int]], crypto: Crypto) -> bytes:
-    body = b"".join(TRAILER_ENTRY.pack(*e) for e in entries)
+    # The salt makes every pack's bytes, and so its name, unique: a pack condemned by
+    # garbage collection can never be uploaded again under its name (docs/format.md).
+    body = os.urandom(PACK_SALT) + b"".join(TRAILER_ENTRY.pack(*e) for e in entries)
     sealed = crypto.seal(body, TRAILER_AAD)
     flags = FLAG_ENCRYPTED if crypto.encrypted else 0
-    return sealed + FOOTER.pack(PACK_MAGIC, FORMAT_VERSION, flags, 0, len(sealed), len(entries))
+    return sealed + FOOTER.pack(PACK_MAGIC, PACK_VERSION, flags, 0, len(sealed), len(entries))
 
 
 def read_pack_entries(c: Container, name: str, crypto: Crypto, guess: int = 128 * 1024) -> (
@@ -160,7 +170,7 @@ def read_pack_entries(c: Container, name: str, crypto: Crypto, guess: int = 128 
     magic, version, _flags, _r, tlen, count = FOOTER.unpack_from(tail, len(tail) - FOOTER.size)
     if magic != PACK_MAGIC:
         raise DataError(f"pack {obj} has no valid footer", obj)
-    if version != FORMAT_VERSION:
+    if version not in PACK_VERSIONS:
         raise FormatError(f"pack {obj} has unknown format version {version}")
     need = tlen + FOOTER.size
     if need > size:
@@ -173,9 +183,10 @@ def read_pack_entries(c: Container, name: str, crypto: Crypto, guess: int = 128 
     except SealError:
         raise DataError(f"trailer of pack {obj} is corrupt or sealed with another key",
                         obj) from None
-    if len(body) != count * TRAILER_ENTRY.size:
+    salt = PACK_SALT if version >= 2 else 0
+    if len(body) != salt + count * TRAILER_ENTRY.size:
         raise DataError(f"trailer of pack {obj} has a wrong length", obj)
-    return [PackEntry(*e) for e in TRAILER_ENTRY.iter_unpack(body)]
+    return [PackEntry(*e) for e in TRAILER_ENTRY.iter_unpack(memoryview(body)[salt:])]
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,9 +196,16 @@ def read_pack_entries(c: Container, name: str, crypto: Crypto, guess: int = 128 
 MANIFEST_MAGIC = b"BVMF"
 MANIFEST_PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, header length
 MANIFEST_ENTRY = struct.Struct("<Q32s32sIIB")  # index, block id, pack, offset, length, codec
+_ENTRY_PACK = struct.Struct("<40x32s9x")  # just an entry's pack name
 SEGMENT_LEN = struct.Struct("<I")
 SEGMENT_ENTRIES = 4096
 _SEGMENT_BYTES = SEGMENT_ENTRIES * MANIFEST_ENTRY.size
+
+
+def entry_packs(raw: bytes | memoryview) -> set[bytes]:
+    """The pack names packed manifest entries reference (set() of C-made tuples first:
+    no Python work per entry)."""
+    return {t[0] for t in set(_ENTRY_PACK.iter_unpack(raw))}
 
 
 def _header_aad(backup_id: str) -> bytes:

@@ -3,8 +3,9 @@
 The store is the truth; the cache only saves reading trailers again. ``sync`` lists
 ``packs/``, reads the trailers of packs it has not seen (range GETs of footer+trailer) and
 drops packs that no longer exist, so an entry in the cache always names a pack that was
-present at the last sync. Each backup opens its own connection (WAL mode), so concurrent
-backups in threads or processes can share one file.
+present at the last sync and not condemned by garbage collection: a backup never
+deduplicates against a pack that a collection is about to delete. Each backup opens its own
+connection (WAL mode), so concurrent backups in threads or processes can share one file.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from blockvault.engine.crypto import Crypto
 from blockvault.engine.errors import Cancelled, DataError, FormatError
 from blockvault.engine.format import PackEntry, read_pack_entries
+from blockvault.engine.marks import read_marks
 from blockvault.store import Container, StoreError
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     length INTEGER NOT NULL, codec INTEGER NOT NULL,
     PRIMARY KEY (id, pack)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_pack ON blobs (pack);
+CREATE TABLE IF NOT EXISTS condemned (name BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 
 
@@ -50,8 +53,11 @@ class Index:
         db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            # A cache rebuilt from the store: durability across power loss is not needed.
-            db.execute("PRAGMA synchronous=OFF")
+            # A cache rebuilt from the store needs no durability, but it must stay
+            # consistent across a power loss: with synchronous=OFF a torn write could leave
+            # rows naming the wrong pack or offset. NORMAL in WAL mode syncs only at
+            # checkpoints, so it costs next to nothing here.
+            db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             db.execute("SELECT count(*) FROM packs").fetchone()
         except BaseException:
@@ -100,9 +106,31 @@ class Index:
             db.execute("ROLLBACK")
             raise
 
+    def known(self, names: Iterable[bytes]) -> set[bytes]:
+        """Which of ``names`` the cache holds (listed at the last sync or added since, and
+        not condemned)."""
+        names = list(names)
+        out: set[bytes] = set()
+        for i in range(0, len(names), 500):
+            part = names[i : i + 500]
+            q = "SELECT name FROM packs WHERE name IN (" + ",".join("?" * len(part)) + ")"
+            out.update(r[0] for r in self.db.execute(q, part))
+        return out
+
     def sync(self, c: Container, crypto: Crypto, concurrency: int,
-             cancelled: Callable[[], bool] | None = None) -> None:
+             cancelled: Callable[[], bool] | None = None) -> frozenset[bytes]:
+        """Bring the cache up to the store's listing and condemnations. Returns the packs
+        known to be unusable: condemned, or cached before and gone from the store now."""
         db = self.db
+        condemned = frozenset().union(*(m.packs for m in read_marks(c, crypto)))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM condemned")
+            db.executemany("INSERT INTO condemned VALUES (?)", ((p,) for p in condemned))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         db.execute("CREATE TEMP TABLE IF NOT EXISTS listed (name BLOB PRIMARY KEY) WITHOUT ROWID")
         db.execute("DELETE FROM listed")
         batch: list[tuple[bytes]] = []
@@ -125,7 +153,8 @@ class Index:
             raise
 
         gone = [r[0] for r in db.execute(
-            "SELECT name FROM packs WHERE name NOT IN (SELECT name FROM listed)")]
+            "SELECT name FROM packs WHERE name NOT IN (SELECT name FROM listed) "
+            "OR name IN (SELECT name FROM condemned)")]
         if gone:
             db.execute("BEGIN IMMEDIATE")
             for name in gone:
@@ -147,7 +176,8 @@ class Index:
             while True:
                 names = [r[0] for r in db.execute(
                     "SELECT name FROM listed WHERE name > ? AND name NOT IN "
-                    "(SELECT name FROM packs) ORDER BY name LIMIT 256", (last,))]
+                    "(SELECT name FROM packs) AND name NOT IN (SELECT name FROM condemned) "
+                    "ORDER BY name LIMIT 256", (last,))]
                 if not names:
                     break
                 if cancelled is not None and cancelled():
@@ -158,3 +188,4 @@ class Index:
                         self.add_pack(name, [(e.block_id, e.offset, e.length, e.codec)
                                              for e in entries])
         db.execute("DELETE FROM listed")
+        return condemned | frozenset(gone)

@@ -1,0 +1,136 @@
+"""Prune: delete a backup's objects, and collect the packs no backup references any more.
+
+Collection is two-phase (docs/format.md, "Garbage collection"): a pack found unreferenced
+and older than the grace period is *condemned* (a mark object names it); a later collection,
+at least the grace period after the mark, deletes it if it is still unreferenced. Backups
+never deduplicate against condemned packs, publish what they use while they run, and check
+their finished manifest against the marks (``condemned_since``), so no timing of locks,
+listings or clocks lets a collection delete what a backup references. All times are the
+store's clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from blockvault.engine.errors import EngineError
+from blockvault.engine.format import (
+    ContainerConfig,
+    ManifestReader,
+    entry_packs,
+    manifest_object,
+    pack_object,
+    record_object,
+)
+from blockvault.engine.marks import read_live_refs, read_marks, write_mark
+from blockvault.store import Container
+
+if TYPE_CHECKING:
+    from blockvault.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+def discard(c: Container, backup_id: str) -> None:
+    """Remove a backup's manifest and record. Its packs become garbage for a collection."""
+    c.delete(manifest_object(backup_id))
+    c.delete(record_object(backup_id))
+
+
+def condemned_since(c: Container, cfg: ContainerConfig, referenced: Iterable[bytes],
+                    grace: float, lag: float) -> set[bytes]:
+    """Of the packs a manifest just written references, those a collection may delete
+    without having seen that manifest. Call after the manifest's put returned.
+
+    A collection sweeps a mark's packs at least ``grace`` after the mark (store clock) and
+    sees every manifest written ``lag`` before it sweeps; so only marks made before
+    ``now + lag - grace`` can be swept before the manifest is visible, and all of those were
+    written more than ``lag`` ago (grace >= 2 lag), so this listing shows them."""
+    ref = set(referenced)
+    if not ref:
+        return set()
+    now = c.clock()
+    found: set[bytes] = set()
+    for mark in read_marks(c, cfg.crypto):
+        if mark.time < now + lag - grace:
+            found |= ref & mark.packs
+    return found
+
+
+def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
+    """Sweep marks older than the grace period, then condemn what is newly unreferenced.
+
+    Returns True when nothing waits for a later collection (no mark pending, no young
+    unreferenced pack), False when one is due ``gc_grace`` seconds from now. Raises
+    EngineError when a manifest cannot be read: nothing is deleted then, since what it
+    references is unknown."""
+    cfg = engine._config(c, container, create=False)
+    if cfg is None:
+        return True  # nothing was ever backed up here
+    grace = engine.config.gc_grace
+    now = c.clock()
+    ref = sqlite3.connect("")  # private temporary database: bounded memory
+    try:
+        ref.execute("CREATE TABLE ref (pack BLOB PRIMARY KEY) WITHOUT ROWID")
+        _referenced(c, cfg, container, ref)
+        # Reference lists of running backups count as references while they are fresh.
+        ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
+                        ((p,) for p in read_live_refs(c, cfg.crypto, now, grace)))
+
+        def unreferenced(pack: bytes) -> bool:
+            return ref.execute("SELECT 1 FROM ref WHERE pack = ?", (pack,)).fetchone() is None
+
+        waiting = False
+        condemned: set[bytes] = set()
+        for mark in read_marks(c, cfg.crypto):
+            if now - mark.time < grace:
+                condemned |= mark.packs
+                waiting = True
+                continue
+            for pack in mark.packs:
+                obj = pack_object(pack.hex())
+                info = c.stat(obj) if unreferenced(pack) else None
+                # A pack written after its mark (a v1 pack uploaded again) is not the pack
+                # that was found unreferenced.
+                if info is not None and info.mtime <= mark.time:
+                    c.delete(obj)
+            c.delete(mark.name)
+
+        fresh = []
+        for info in c.list_info("packs/"):
+            try:
+                pack = bytes.fromhex(info.name.rsplit("/", 1)[-1])
+            except ValueError:
+                continue
+            if len(pack) != 32 or pack in condemned or not unreferenced(pack):
+                continue
+            if now - info.mtime < grace:
+                waiting = True  # perhaps a running backup's, not referenced yet
+                continue
+            fresh.append(pack)
+        if fresh:
+            write_mark(c, cfg.crypto, fresh)
+            log.info("garbage collection in %s condemned %d unreferenced packs",
+                     container, len(fresh))
+            waiting = True
+        return not waiting
+    finally:
+        ref.close()
+
+
+def _referenced(c: Container, cfg: ContainerConfig, container: str,
+                ref: sqlite3.Connection) -> None:
+    for mname in c.list("manifests/"):
+        bid = mname[len("manifests/"):]
+        try:
+            m = ManifestReader(c, bid, cfg.crypto, container)
+            for raw in m.raw_segments():
+                ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
+                                ((p,) for p in entry_packs(raw)))
+        except EngineError as e:  # corrupt, unknown version, sealed with another key
+            if c.stat(mname) is None:
+                continue  # deleted meanwhile: its packs are garbage too
+            raise EngineError(
+                f"garbage collection in {container} stopped, nothing deleted: {e}") from e
