@@ -10,6 +10,7 @@ from blockvault.store.base import (
     ObjectInfo,
     ObjectNotFound,
     StoreError,
+    StoreFull,
     StorePermanentError,
     StoreUnavailable,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFound",
     "StoreError",
+    "StoreFull",
     "StorePermanentError",
     "StoreUnavailable",
 ]

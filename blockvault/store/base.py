@@ -35,10 +35,11 @@ comparable with each other and with :meth:`Container.clock`, never with a worker
 
 Errors: :class:`StoreUnavailable` for transient failures (connection refused/reset, timeout,
 5xx, throttling) that a retry may cure; :class:`StorePermanentError` for failures a retry
-will not cure (authentication, access denied, invalid container name);
-:class:`ObjectNotFound` for a missing object on ``get``. Backends raise only these (and
-subclasses), never library exceptions, so the engine and the service can tell a person
-what happened without knowing which backend ran.
+will not cure (authentication, access denied, invalid container name); :class:`StoreFull`
+when the store has no room for an object (not retried); :class:`ObjectNotFound` for a
+missing object on ``get``. Backends raise only these (and subclasses), never library
+exceptions (nor ``OSError``), so the engine and the service can tell a person what happened
+without knowing which backend ran.
 """
 
 from __future__ import annotations
@@ -61,6 +62,26 @@ class StoreUnavailable(StoreError):
 
 class StorePermanentError(StoreError):
     """A failure a retry will not cure: bad credentials, access denied, invalid name."""
+
+
+class StoreFull(StoreError):
+    """The store has no room for an object: no space left, quota exceeded, file too large.
+
+    Deliberately not a :class:`StoreUnavailable`: space comes back only when someone deletes
+    backups or grows the store, not within the seconds of a retry budget. Retrying would
+    re-send the object for a minute and then report the store "unreachable", hiding the
+    cause; failing at once names it. Nor a :class:`StorePermanentError`, which means
+    misconfiguration (credentials, names): a later backup may succeed with no change to
+    the configuration once space is freed.
+    """
+
+    def __init__(self, reason: str, name: str = "", container: str = "") -> None:
+        what = f" while writing {name}" if name else ""
+        where = f" in container {container}" if container else ""
+        super().__init__(f"the object store is full ({reason}){what}{where}")
+        self.reason = reason
+        self.name = name
+        self.container = container
 
 
 class ObjectNotFound(StoreError):

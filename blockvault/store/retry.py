@@ -4,9 +4,10 @@ Backends (and the client libraries under them: swiftclient ``retries=0``, botoco
 ``total_max_attempts=1``) do not retry themselves; :class:`RetryingBackend` retries
 :class:`StoreUnavailable` with exponential backoff and full jitter until ``attempts`` calls
 have failed or the time ``budget`` is spent, then raises :class:`StoreUnavailable` saying
-the store was unreachable. :class:`StorePermanentError` and :class:`ObjectNotFound` are never
-retried. Retrying is safe because every operation of the contract is idempotent (puts write
-the same bytes under a content-addressed name; deleting a missing object is not an error).
+the store was unreachable. :class:`StorePermanentError`, :class:`StoreFull` and
+:class:`ObjectNotFound` are never retried. Retrying is safe because every operation of the
+contract is idempotent (puts write the same bytes under a content-addressed name; deleting a
+missing object is not an error).
 
 ``list`` and ``list_info`` are retried while fetching the first page; once names have been
 handed to the caller a failure propagates (restarting would hand out names twice).
