@@ -1,5 +1,5 @@
 """The local store under failure: unreadable directories, a full disk, durability of renames
-and deletes.
+and deletes; and the fault-injection wrappers of tests/faults.py.
 
 Errors are produced for real where the kernel can be made to produce them (a 1 MiB tmpfs
 for ENOSPC, RLIMIT_FSIZE for EFBIG, names too long); errors that cannot be (EIO, ESTALE,
@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from blockvault.store import (
 )
 from blockvault.store.local import LocalBackend
 from blockvault.store.retry import RetryingBackend
+from tests.faults import LaggingBackend, LaggingContainer
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -530,3 +532,84 @@ def test_filesystems_without_directory_fsync_still_work(monkeypatch, container):
     container.delete("packs/ab/p")
     assert container.head("packs/ab/p") is None
     assert len(tried) >= 4  # root for packs/, packs/ for ab/, ab/ after rename and delete
+
+
+# -------------------------------------------------------- the lagging wrappers ---
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lagging_container_hides_new_objects_from_listings(container):
+    clock = FakeClock()
+    c = LaggingContainer(container, 5.0, clock=clock)
+    c.put("old", b"1")
+    clock.now += 5
+    c.put("new", b"22")
+    with open(__file__, "rb") as f:
+        c.put_file("new-file", f, 3)
+    assert list(c.list()) == ["old"]
+    assert [i.name for i in c.list_info()] == ["old"]
+    # read-after-write for a known name
+    assert c.get("new") == b"22" and c.head("new") == 2 and c.stat("new").size == 2
+    clock.now += 4
+    assert list(c.list()) == ["old"]
+    clock.now += 1
+    assert sorted(c.list()) == ["new", "new-file", "old"]
+
+
+def test_lagging_container_keeps_deleted_objects_in_listings(container):
+    clock = FakeClock()
+    c = LaggingContainer(container, 5.0, clock=clock)
+    c.put("gone", b"123")
+    clock.now += 5
+    info = c.stat("gone")
+    c.delete("gone")
+    assert list(c.list()) == ["gone"]
+    assert list(c.list_info("go")) == [info]
+    assert list(c.list_info("x")) == []
+    with pytest.raises(ObjectNotFound):
+        c.get("gone")
+    assert c.head("gone") is None and c.stat("gone") is None
+    c.delete("gone")  # deleting it again is fine, and does not extend its ghost
+    clock.now += 5
+    assert list(c.list()) == []
+    # re-created while its ghost shows: listed once, and only after the lag
+    c.put("back", b"1")
+    clock.now += 5
+    c.delete("back")
+    c.put("back", b"2")
+    assert list(c.list()) == []
+    clock.now += 5
+    assert list(c.list()) == ["back"]
+
+
+def test_lagging_backend_shares_the_lag_across_opens(backend):
+    clock = FakeClock()
+    lagging = LaggingBackend(backend, 2.0, clock=clock)
+    assert lagging.kind == "local"
+    assert lagging.validate_container_name("../x") is not None
+    writer, reader = lagging.open("shared"), lagging.open("shared")
+    writer.put("o", b"1")
+    assert list(reader.list()) == [] and reader.get("o") == b"1"
+    assert list(lagging.open("other").list()) == []
+    clock.now += 2
+    assert list(reader.list()) == ["o"]
+    reader.delete("o")
+    assert list(writer.list()) == ["o"]
+    assert isinstance(writer.clock(), float)
+    assert list(lagging.open("shared").list()) == ["o"]  # the probe object is not listed
+    lagging.close()
+
+
+def test_lagging_backend_with_real_time(backend):
+    c = LaggingBackend(backend, 0.3).open("c")
+    c.put("o", b"1")
+    assert list(c.list()) == []
+    time.sleep(0.35)
+    assert list(c.list()) == ["o"]
