@@ -140,7 +140,7 @@ class BackupRun:
 
     def __init__(self, engine: Engine, c: Container, container: str, cfg: ContainerConfig,
                  index: Index, index_writer: Index, cancelled: Callable[[], bool] | None,
-                 bad: frozenset[bytes] = frozenset()) -> None:
+                 bad: frozenset[bytes] = frozenset(), started: float | None = None) -> None:
         self.engine = engine
         self.c = c
         self.container = container
@@ -159,11 +159,14 @@ class BackupRun:
         # manifest references, for the check against garbage collection at the end.
         self.used: set[bytes] = set()
         self.referenced: set[bytes] = set()
-        self.refs_objects: list[str] = []
+        self.refs_objects: list[tuple[str, float]] = []  # (name, when published)
         # Publish often enough that a fresh list is always visible to a collection:
         # collections honour lists younger than gc_grace, seen up to store_lag late.
+        # ``max_gap`` is the longest time the run went without publishing, from the index
+        # sync (``started``) to its manifest: the engine's check at the end relies on it.
         self._refs_every = max(0.5, (engine.config.gc_grace - 2 * engine.config.store_lag) / 4)
-        self._refs_at = time.monotonic()
+        self._refs_at = time.monotonic() if started is None else started
+        self.max_gap = 0.0
         ec = engine.config
         self.level = ec.zstd_level
         self.compression = ec.compression
@@ -497,15 +500,25 @@ class BackupRun:
     def _publish_refs(self) -> None:
         """Publish the packs this run references but no manifest names yet, so a garbage
         collection leaves them alone however long the run takes (docs/format.md)."""
-        if time.monotonic() - self._refs_at < self._refs_every:
+        now = time.monotonic()
+        if now - self._refs_at < self._refs_every:
             return
         with self.index_mu:
             packs = self.used.union(self.pack_names.values())
-        self.refs_objects.append(write_refs(self.c, self.crypto, packs))
-        for old in self.refs_objects[:-1]:
-            self.c.delete(old)
-        del self.refs_objects[:-1]
-        self._refs_at = time.monotonic()
+        self.refs_objects.append((write_refs(self.c, self.crypto, packs), now))
+        self._gap_ends()
+        # A list stays until a newer one is surely visible (a collection may list late);
+        # past gc_grace no collection honours it anyway.
+        expired = [r for r in self.refs_objects[:-1]
+                   if now - r[1] > self.engine.config.gc_grace]
+        for name, _t in expired:
+            self.c.delete(name)
+            self.refs_objects.remove((name, _t))
+
+    def _gap_ends(self) -> None:
+        now = time.monotonic()
+        self.max_gap = max(self.max_gap, now - self._refs_at)
+        self._refs_at = now
 
     def _queue(self, f: Future) -> None:
         """Results enter the calling thread in block order; at most ``depth`` in flight."""
@@ -606,6 +619,7 @@ class BackupRun:
             self._reap_uploads(block=True)
             self._check_cancel()
             self.stored_bytes += self._write_manifest(backup_id, size, parent_id)
+            self._gap_ends()
             report(size, force=True)
             return BackupResult(
                 object_count=self.object_count, stored_bytes=self.stored_bytes,

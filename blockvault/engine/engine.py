@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -142,6 +143,7 @@ class Engine:
         """
         check_id(source_id)
         check_id(target_id)
+        started = time.monotonic()
         c = self.backend.open(container, create=False)
         cfg = self._require_config(c, container)
         reader = ManifestReader(c, source_id, cfg.crypto, container)
@@ -154,12 +156,12 @@ class Engine:
                 referenced |= entry_packs(raw)
                 builder.add_raw(raw)
             self._put_manifest(c, target_id, builder, header)
-        lost = prune.condemned_since(c, cfg, referenced, self.config.gc_grace,
-                                     self.config.store_lag)
-        if lost:
+        took = time.monotonic() - started
+        lost = prune.lost_references(self, c, cfg, referenced, took, took)
+        if lost or lost is None:
             prune.discard(c, target_id)
-            raise DataError(f"the data of backup {source_id} was deleted while it was being "
-                            f"copied ({len(lost)} packs condemned by garbage collection)",
+            raise DataError(f"the data of backup {source_id} may have been deleted while it "
+                            "was being copied (garbage collection condemned it); try again",
                             manifest_object(source_id))
 
     def manifest_info(self, *, container: str, backup_id: str) -> dict:
@@ -216,19 +218,24 @@ class Engine:
             for _ in range(_PASSES):
                 if progress is not None:
                     progress(0, size, "index")
+                started = time.monotonic()
                 bad |= index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled)
-                run = BackupRun(self, c, container, cfg, index, writer, cancelled, bad)
+                run = BackupRun(self, c, container, cfg, index, writer, cancelled, bad,
+                                started)
                 runs.append(run)
                 result = run.run(backup_id, Path(source), size, parent_id, progress, changed)
-                lost = self._lost_references(c, cfg, index, run)
-                if not lost:
+                lost = self._lost_references(c, cfg, index, run, time.monotonic() - started)
+                if lost is not None and not lost:
                     break
                 # Rare: a collection condemned (or the store lost) packs this backup
-                # references. Another pass reads those blocks again and stores them anew.
-                log.warning("backup %s references %d condemned or missing packs; "
-                            "backing up those blocks again", backup_id, len(lost))
+                # references, or it was paused too long to tell. Another pass, from a fresh
+                # index sync, reads those blocks again and stores them anew.
+                log.warning("backup %s: %s; backing it up again", backup_id,
+                            "paused too long to check its data against garbage collection"
+                            if lost is None else
+                            f"{len(lost)} packs it references are condemned or missing")
                 prune.discard(c, backup_id)
-                bad |= lost
+                bad |= lost or frozenset()
             else:
                 raise DataError(f"backup {backup_id} could not be completed: garbage "
                                 "collection kept condemning the data it references")
@@ -248,11 +255,13 @@ class Engine:
                         log.warning("could not remove reference list %s: %s", name, e)
 
     def _lost_references(self, c: Container, cfg: ContainerConfig, index: Index,
-                         run: BackupRun) -> set[bytes]:
+                         run: BackupRun, elapsed: float) -> set[bytes] | None:
         """Packs the run's manifest references that a collection may delete unseen, or
-        that the index does not know (gone from the store; not uploaded by this run)."""
-        lost = prune.condemned_since(c, cfg, run.referenced, self.config.gc_grace,
-                                     self.config.store_lag)
+        that the index does not know (gone from the store; not uploaded by this run).
+        None: the run cannot tell (prune.lost_references)."""
+        lost = prune.lost_references(self, c, cfg, run.referenced, elapsed, run.max_gap)
+        if lost is None:
+            return None
         own = set(run.pack_names.values())
         return lost | (run.referenced - own - index.known(run.referenced - own))
 

@@ -4,7 +4,7 @@ Collection is two-phase (docs/format.md, "Garbage collection"): a pack found unr
 and older than the grace period is *condemned* (a mark object names it); a later collection,
 at least the grace period after the mark, deletes it if it is still unreferenced. Backups
 never deduplicate against condemned packs, publish what they use while they run, and check
-their finished manifest against the marks (``condemned_since``), so no timing of locks,
+their finished manifest against the marks (``lost_references``), so no timing of locks,
 listings or clocks lets a collection delete what a backup references. All times are the
 store's clock.
 """
@@ -39,21 +39,29 @@ def discard(c: Container, backup_id: str) -> None:
     c.delete(record_object(backup_id))
 
 
-def condemned_since(c: Container, cfg: ContainerConfig, referenced: Iterable[bytes],
-                    grace: float, lag: float) -> set[bytes]:
+def lost_references(engine: Engine, c: Container, cfg: ContainerConfig,
+                    referenced: Iterable[bytes], elapsed: float,
+                    max_gap: float) -> set[bytes] | None:
     """Of the packs a manifest just written references, those a collection may delete
-    without having seen that manifest. Call after the manifest's put returned.
+    without having seen that manifest (docs/format.md, "Why a backup is safe"). Call after
+    the manifest's put returned. ``elapsed``: seconds since the writer synced its index
+    (or read its source manifest); ``max_gap``: the longest it went without a visible
+    reason for collections to keep its packs (a published reference list).
 
-    A collection sweeps a mark's packs at least ``grace`` after the mark (store clock) and
-    sees every manifest written ``lag`` before it sweeps; so only marks made before
-    ``now + lag - grace`` can be swept before the manifest is visible, and all of those were
-    written more than ``lag`` ago (grace >= 2 lag), so this listing shows them."""
+    Returns None when that cannot be told any more (the writer was paused so long that
+    the marks it would have to check may be gone): the caller starts over."""
+    grace, lag = engine.config.gc_grace, engine.config.store_lag
+    if max_gap < grace - 2 * lag:
+        return set()  # its manifest or a reference list was visible to every collection
+    if elapsed >= 2 * grace - lag:
+        return None
     ref = set(referenced)
-    if not ref:
-        return set()
     now = c.clock()
     found: set[bytes] = set()
     for mark in read_marks(c, cfg.crypto):
+        # Only a mark made before now + lag - grace can be swept before this manifest is
+        # visible; all such marks were written more than lag ago, so the listing shows
+        # them, and none is deleted before 2 * grace after it was made.
         if mark.time < now + lag - grace:
             found |= ref & mark.packs
     return found
@@ -61,6 +69,10 @@ def condemned_since(c: Container, cfg: ContainerConfig, referenced: Iterable[byt
 
 def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
     """Sweep marks older than the grace period, then condemn what is newly unreferenced.
+
+    A mark's packs are deleted by every collection from ``gc_grace`` after the mark on
+    (those still unreferenced); the mark itself stays until ``2 * gc_grace``, so that a
+    backup's index sync and end check still see it after its packs are gone.
 
     Returns True when nothing waits for a later collection (no mark pending, no young
     unreferenced pack), False when one is due ``gc_grace`` seconds from now. Raises
@@ -85,9 +97,13 @@ def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
         waiting = False
         condemned: set[bytes] = set()
         for mark in read_marks(c, cfg.crypto):
-            if now - mark.time < grace:
-                condemned |= mark.packs
-                waiting = True
+            age = now - mark.time
+            if age >= 2 * grace:
+                c.delete(mark.name)  # swept by collections for a whole grace period
+                continue
+            waiting = True
+            condemned |= mark.packs
+            if age < grace:
                 continue
             for pack in mark.packs:
                 obj = pack_object(pack.hex())
@@ -96,7 +112,6 @@ def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
                 # that was found unreferenced.
                 if info is not None and info.mtime <= mark.time:
                     c.delete(obj)
-            c.delete(mark.name)
 
         fresh = []
         for info in c.list_info("packs/"):
