@@ -280,6 +280,22 @@ def test_list_info_paginates(kind, backend: Backend):
     assert all(i.size == 4 for i in infos)
 
 
+def test_swift_time_parsing():
+    """HEAD prefers X-Timestamp (sub-second); the listing's ISO time is UTC without a zone."""
+    from blockvault.store.swift import _head_mtime, _listing_mtime
+
+    hdrs = {"x-timestamp": "1700000000.12345", "last-modified": "Tue, 14 Nov 2023 22:13:21 GMT"}
+    assert _head_mtime(hdrs, "o") == 1700000000.12345
+    del hdrs["x-timestamp"]
+    assert _head_mtime(hdrs, "o") == 1700000001.0  # the proxy rounds Last-Modified up
+    with pytest.raises(StorePermanentError, match="no valid X-Timestamp"):
+        _head_mtime({}, "o")
+    item = {"name": "o", "last_modified": "2023-11-14T22:13:20.123450"}
+    assert _listing_mtime(item) == pytest.approx(1700000000.12345)
+    with pytest.raises(StorePermanentError, match="no valid last_modified"):
+        _listing_mtime({"name": "o", "last_modified": "yesterday"})
+
+
 # ------------------------------------------------------------ configuration ---
 
 
