@@ -6,7 +6,14 @@ It knows bytes and the object store, never the metadata DB or HTTP. See docs/for
 
 from blockvault.engine.config import BackupResult, EngineConfig, Progress, VerifyReport
 from blockvault.engine.engine import Engine
-from blockvault.engine.errors import Cancelled, DataError, EngineError, FormatError, KeyMismatch
+from blockvault.engine.errors import (
+    Cancelled,
+    DataError,
+    EngineError,
+    FormatError,
+    KeyMismatch,
+    TargetError,
+)
 
 __all__ = [
     "BackupResult",
@@ -18,5 +25,6 @@ __all__ = [
     "FormatError",
     "KeyMismatch",
     "Progress",
+    "TargetError",
     "VerifyReport",
 ]

@@ -25,3 +25,14 @@ class KeyMismatch(EngineError):
 
 class FormatError(EngineError):
     """An object has an unknown format or format version."""
+
+
+class TargetError(EngineError):
+    """Writing the restore target failed (it is full, over a file size limit, or the device
+    failed): the restore did not complete and the target holds a mix of old and new bytes.
+    ``errno`` is the OS error number (None when the OS reported none)."""
+
+    def __init__(self, message: str, target: str, err: int | None = None) -> None:
+        super().__init__(message)
+        self.target = target
+        self.errno = err

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from blockvault.engine.blobs import Run, decode_run, raw_entries, runs
 from blockvault.engine.config import Progress, Throttle
-from blockvault.engine.errors import Cancelled, DataError, EngineError
+from blockvault.engine.errors import Cancelled, DataError, TargetError
 from blockvault.engine.format import ManifestReader, check_id, manifest_object
 
 if TYPE_CHECKING:
@@ -50,17 +50,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 _ZEROS = bytes(1024 * 1024)
-
-
-class TargetError(EngineError):
-    """Writing the restore target failed (it is full, over a file size limit, or the device
-    failed): the restore did not complete and the target holds a mix of old and new bytes.
-    ``errno`` is the OS error number (None when the OS reported none)."""
-
-    def __init__(self, message: str, target: str, err: int | None = None) -> None:
-        super().__init__(message)
-        self.target = target
-        self.errno = err
 
 
 # Errors that mean "no room": the message says so plainly, so an operator frees space or
