@@ -3,10 +3,11 @@ image, for two commits, run alternately on the same machine in one go.
 
     python benchmarks/compare.py --base REV [--size 2G] [--workdir DIR] [--rounds 3]
 
-The base commit is checked out in a temporary git worktree; each round runs
-``benchmarks/run.py --only bv-engine --repeat 1`` of the base tree and of this tree (in
-alternating order, so drift in the machine's speed hits both alike) and the medians are
-compared. Wall times on a shared VM vary by ±20% from run to run: compare medians of
+The base commit is checked out in a temporary git worktree; each round runs this tree's
+``benchmarks/run.py --only bv-engine --repeat 1`` with the base tree's engine and with this
+tree's (in alternating order, so drift in the machine's speed hits both alike) and the
+medians are compared: a full backup, a 1% changed-range incremental and a restore.
+Wall times on a shared VM vary by ±20% from run to run: compare medians of
 several rounds, and CPU seconds, not single runs.
 """
 
@@ -21,11 +22,14 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
+STEPS = ("full", "incr", "restore")
 
 
 def run_tree(tree: Path, a: argparse.Namespace) -> dict:
-    subprocess.run([sys.executable, str(tree / "benchmarks" / "run.py"), "--only", "bv-engine",
-                    "--repeat", "1", "--size", a.size, "--workdir", a.workdir],
+    # This tree's harness drives both engines, so both run the same steps.
+    subprocess.run([sys.executable, str(HERE / "benchmarks" / "run.py"), "--only", "bv-engine",
+                    "--repeat", "1", "--size", a.size, "--workdir", a.workdir,
+                    "--engine-repo", str(tree)],
                    check=True, stdout=subprocess.DEVNULL)
     runs = json.loads((Path(a.workdir) / "engine-only.json").read_text())["runs"]
     return {step: ms[0] for step, ms in runs.items()}
@@ -53,16 +57,16 @@ def main() -> None:
                 for name, tree in order if i % 2 == 0 else reversed(order):
                     res[name].append(run_tree(tree, a))
                     m = res[name][-1]
-                    print(f"round {i + 1} {name}: full {m['full']['wall']:.2f}s "
-                          f"({m['full']['cpu']:.2f} CPU-s), restore {m['restore']['wall']:.2f}s "
-                          f"({m['restore']['cpu']:.2f} CPU-s)", flush=True)
+                    print(f"round {i + 1} {name}: " + ", ".join(
+                        f"{step} {m[step]['wall']:.2f}s ({m[step]['cpu']:.2f} CPU-s)"
+                        for step in STEPS), flush=True)
         finally:
             subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(base)],
                            check=False, capture_output=True)
     print(f"\nmedians of {a.rounds} rounds, base {rev} vs head {head} (uncommitted changes "
           "included):")
     print(f"{'step':8s} {'':5s} {'wall s':>7s} {'CPU s':>7s} {'RSS MiB':>8s}")
-    for step in ("full", "restore"):
+    for step in STEPS:
         med = {}
         for name in ("base", "head"):
             ms = [r[step] for r in res[name]]

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -394,7 +395,7 @@ class ProcWatch:
 def engine_step(args: dict) -> None:
     import resource
 
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, args.get("repo") or str(REPO))
     from blockvault.engine import Engine
     from blockvault.store.local import LocalBackend
 
@@ -424,7 +425,7 @@ def engine_step(args: dict) -> None:
 def run_engine(wd: Path, args: dict) -> dict:
     logf = wd / "logs" / f"engine-{args['op']}-{args['id']}.log"
     run_child([sys.executable, str(Path(__file__).resolve()), "--engine-step",
-               json.dumps(args)], env={"PYTHONPATH": str(REPO)}, logf=logf)
+               json.dumps(args)], env={"PYTHONPATH": args.get("repo") or str(REPO)}, logf=logf)
     line = [x for x in logf.read_text().splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[7:])
 
@@ -583,8 +584,14 @@ def engine_only(a: argparse.Namespace) -> None:
         build_image(image, size, a.seed, Content(a.seed))
     sha = sha256_file(image)
     d = wd / "bv-engine-only"
-    eng = {"store": str(d / "store"), "cache": str(d / "cache")}
-    runs: dict[str, list[dict]] = {"full": [], "restore": []}
+    eng = {"store": str(d / "store"), "cache": str(d / "cache"), "repo": a.engine_repo}
+    # The 1% changed-range incremental of the image as it is: the hinted blocks are read
+    # and hashed, every other entry copied from the parent (the path garbage collection's
+    # end check and the parent-pack checks run on).
+    rnd = random.Random(a.seed)
+    bs = 32 * KiB
+    hint = sorted({rnd.randrange(size // bs) * bs for _ in range(size // bs // 100)})
+    runs: dict[str, list[dict]] = {"full": [], "incr": [], "restore": []}
     for i in range(a.repeat):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
@@ -593,6 +600,10 @@ def engine_only(a: argparse.Namespace) -> None:
                             "size": size})
         m["stored"] = dir_bytes(d / "store")
         runs["full"].append(m)
+        m = run_engine(wd, {**eng, "op": "backup", "id": f"incr{i}", "source": str(image),
+                            "size": size, "parent": f"full{i}",
+                            "changed": [[o, bs] for o in hint]})
+        runs["incr"].append(m)
         tgt = d / "restore.raw"
         with open(tgt, "wb") as f:
             f.truncate(size)
@@ -601,7 +612,7 @@ def engine_only(a: argparse.Namespace) -> None:
         m["ok"] = sha256_file(tgt) == sha
         runs["restore"].append(m)
         tgt.unlink()
-        for step in ("full", "restore"):
+        for step in runs:
             m = runs[step][-1]
             log(f"  run {i + 1}: bv-engine {step:8s} {size / m['wall'] / 1e6:6.0f} MB/s  "
                 f"wall {m['wall']:6.2f}s  cpu {m['cpu']:5.2f}s  rss {m['rss'] / MiB:4.0f} MiB"
@@ -634,6 +645,8 @@ def main() -> None:
                          "best; reuses WORKDIR/image.raw if it has --size bytes")
     ap.add_argument("--repeat", type=int, default=2, help="runs per step with --only")
     ap.add_argument("--engine-step", help=argparse.SUPPRESS)
+    ap.add_argument("--engine-repo", default=None,
+                    help="with --only: take the engine from this tree (compare.py's base)")
     a = ap.parse_args()
     if a.engine_step:
         engine_step(json.loads(a.engine_step))
