@@ -35,6 +35,9 @@ class Settings:
     # Worker pool
     backup_workers: int = 2
     job_lease_seconds: int = 60
+    #: seconds between runs of the maintenance timer (garbage collections owed, worker
+    #: supervision); 0 = min(60, gc_grace / 4), at least 1
+    maintenance_interval: float = 0.0
     # Quotas (Cinder's defaults)
     quota_volumes: int = 10
     quota_snapshots: int = 10
@@ -70,6 +73,10 @@ class Settings:
     upload_concurrency: int = 4
     #: O_DIRECT for volume reads of full backups; see docs/configuration.md.
     direct_io: bool = True
+    #: seconds an unreferenced pack stays condemned before garbage collection deletes it
+    gc_grace: float = 3600.0
+    #: seconds the store's listings may lag behind its writes (Swift's do)
+    store_lag: float = 300.0
     #: Path of a file holding the 32-byte encryption key (raw or hex); empty = no encryption.
     encryption_key_file: str = ""
     #: The key itself as 64 hex characters (prefer the file; never logged).
@@ -90,6 +97,12 @@ class Settings:
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def maintenance_seconds(self) -> float:
+        if self.maintenance_interval > 0:
+            return self.maintenance_interval
+        return max(1.0, min(60.0, self.gc_grace / 4))
 
     def encryption_key_bytes(self) -> bytes | None:
         raw = self.encryption_key

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from blockvault.api import backups as backup_routes
+from blockvault.api import health as health_routes
 from blockvault.api import volumes as volume_routes
 from blockvault.api.faults import HTTPFault, fault_response
 from blockvault.api.http import make_routes, public_base
@@ -50,6 +51,8 @@ def make_engine(settings: Settings, backend: Backend) -> Engine:
             upload_concurrency=settings.upload_concurrency,
             direct_io=settings.direct_io,
             encryption_key=settings.encryption_key_bytes(),
+            gc_grace=settings.gc_grace,
+            store_lag=settings.store_lag,
         ),
     )
 
@@ -89,7 +92,7 @@ class Services:
             max_limit=settings.osapi_max_limit,
             wake_workers=lambda: self.runner.wake(),
         )
-        tasks = Tasks(
+        self.tasks = tasks = Tasks(
             self.db,
             self.engine,
             self.driver,
@@ -97,6 +100,7 @@ class Services:
             availability_zone=settings.availability_zone,
             service_name=service_name,
             host=socket.gethostname(),
+            gc_grace=settings.gc_grace,
         )
         self.runner = JobRunner(
             self.db,
@@ -104,11 +108,33 @@ class Services:
             tasks.fail,
             workers=settings.backup_workers,
             lease_seconds=settings.job_lease_seconds,
+            data_dir=settings.data_dir,
+            on_end=tasks.on_end,
+            maintenance=[tasks.collect_owed],
+            maintenance_interval=settings.maintenance_seconds,
         )
+        tasks.bind(self.runner)
 
     def start(self) -> None:
         self.runner.start()
         sweep_orphans(self.db)
+        try:
+            self.tasks.owe_gc_everywhere()
+        except Exception:
+            log.exception("listing containers for garbage collection failed")
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether jobs can run: worker threads alive and the DB taking writes."""
+        problems = self.runner.health()
+        body: dict[str, Any] = {
+            "status": "ok" if not problems else "unhealthy",
+            "workers_alive": self.runner.alive_workers(),
+            "workers": self.runner.workers,
+        }
+        if problems:
+            body["problems"] = problems
+            log.error("health check failed: %s", "; ".join(problems))
+        return not problems, body
 
     def stop(self) -> None:
         self.runner.stop()
@@ -181,6 +207,7 @@ def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
         Route("/v3/", v3_root),
         Route("/v3", v3_redirect),
         Route("/v2/", v2_root),
+        *health_routes.routes(services),
         *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS, services),
     ]
     return Starlette(

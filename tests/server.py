@@ -26,9 +26,12 @@ def free_port() -> int:
 class Server:
     """``blockvault serve`` as a user runs it: a process, a port, a data dir."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.env = dict(env or {})
+        #: a command the server runs under (e.g. ``unshare`` for a private mount)
+        self.prefix = list(prefix or [])
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "server.log"
@@ -48,6 +51,7 @@ class Server:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "blockvault.cli",

@@ -16,7 +16,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-class db_now(FunctionElement):  # noqa: N801  (reads as a function in queries)
+class db_now(FunctionElement):  # lower case: it reads as a function in queries
     """The database's current UTC time plus ``seconds``, as a naive DateTime.
 
     Leases are set and compared with this, never with a worker's clock: workers on several

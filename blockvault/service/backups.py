@@ -307,13 +307,16 @@ class BackupService:
 
     @staticmethod
     def _choose_parent(s: Session, ctx: RequestContext, volume_id: str, snap: Any) -> str:
+        # Locked (SELECT ... FOR UPDATE): a concurrent delete of the parent, which locks
+        # the same row and then looks for children, either commits first (the parent is no
+        # longer 'available' here) or waits and then sees this new child and refuses.
         candidates = list(
             s.scalars(
                 select(Backup).where(
                     Backup.volume_id == volume_id,
                     Backup.project_id == ctx.project_id,
                     Backup.deleted.is_(False),
-                )
+                ).with_for_update()
             )
         )
         usable = [

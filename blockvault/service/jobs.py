@@ -1,21 +1,37 @@
 """The job runner: workers claim queued jobs with a lease and keep it alive with a
-heartbeat. A job whose lease runs out (its worker crashed or its process was killed) is
-taken over by any runner sharing the DB: re-run when it has attempts left (every job is
-idempotent), failed cleanly otherwise. Nothing stays ``creating`` forever.
+heartbeat. A job whose lease runs out (its worker crashed, its process was killed or
+paused) is taken over by any runner sharing the DB: re-run when it has attempts left (every
+job is idempotent), failed cleanly otherwise. Nothing stays ``creating`` forever.
+
+Fencing: every claim gives the attempt a fresh token, and every write that finishes an
+attempt is conditional on the job row still being ``running`` with that token, in the same
+transaction as the backup and volume status it writes (:func:`finish_job`). A stale attempt
+(its lease ran out and another attempt took over) therefore changes nothing, however late
+it wakes up. Leases are set and compared with the database's clock, never a worker's.
+
+Identity: a runner's owner name is stable across restarts of a process on the same data
+directory (host name + a slot id kept in ``data_dir/runner``, held with an exclusive file
+lock so two live processes never share it). At start a runner takes back at once the jobs
+its previous incarnation left ``running``, instead of waiting for their leases.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import fcntl
 import logging
+import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
-from blockvault.db.models import Job, utcnow
+from blockvault.db.models import Job, Runner, db_now
 from blockvault.db.session import Database
 
 log = logging.getLogger("blockvault.jobs")
@@ -23,7 +39,136 @@ log = logging.getLogger("blockvault.jobs")
 MAX_ATTEMPTS = 3
 
 Handler = Callable[[Job], None]
-FailHandler = Callable[[Job, str], None]
+#: records a failed job's domain outcome (backup/volume status) inside the caller's
+#: transaction, after the caller won the conditional update of the job row
+FailHandler = Callable[[Session, Job, str], None]
+#: called (outside any transaction) once a job reached a final state
+EndHandler = Callable[[Job], None]
+
+T = TypeVar("T")
+
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.2, 5.0
+
+
+# -- fencing primitives (used by the runner and the handlers) --------------------------------
+
+
+def finish_job(s: Session, job: Job, state: str, error: str | None = None) -> bool:
+    """End ``job``'s current attempt as ``state`` if it still is the current attempt.
+
+    Call it first in the transaction that writes the attempt's outcome, and write nothing
+    else when it returns False: another attempt owns the job now (on PostgreSQL the row
+    lock it takes also serialises the outcome against a concurrent take-over).
+    """
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.token == job.token, Job.state == "running")
+        .values(state=state, error=error, finished_at=db_now(), lease_expires=None)
+    )
+    return res.rowcount == 1
+
+
+def attempt_is_current(s: Session, job: Job) -> bool:
+    return s.scalar(
+        select(Job.id).where(Job.id == job.id, Job.token == job.token, Job.state == "running")
+    ) is not None
+
+
+def storage_id(job: Job) -> str:
+    """The name under which this attempt writes a backup's objects in the store: two
+    attempts of one backup never share (or delete) each other's manifest."""
+    assert job.token, "only a claimed job has a storage id"
+    return f"{job.backup_id}.{job.token[:12]}"
+
+
+def attempt_storage_ids(backup_id: str, tokens: str | None) -> list[str]:
+    """The storage ids of every attempt a job has had (from its token log)."""
+    return [f"{backup_id}.{t[:12]}" for t in (tokens or "").split() if t]
+
+
+class Stopping(Exception):
+    """The runner is stopping while a write still failed; the job row stays ``running``
+    with this runner's identity and is taken back at the next start."""
+
+
+class DurableWriter:
+    """Runs a transaction until it commits: retried with backoff while the DB refuses
+    writes (a full disk, a read-only file, a failover), so a job's outcome is recorded once
+    the DB is writable again instead of being lost with the thread that carried it."""
+
+    def __init__(self, db: Database, stopping: threading.Event) -> None:
+        self.db = db
+        self.stopping = stopping
+        self._mu = threading.Lock()
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+
+    def __call__(self, fn: Callable[[Session], T], what: str) -> T:
+        delay = _BACKOFF_FIRST
+        failures = 0
+        while True:
+            try:
+                with self.db.session() as s:
+                    result = fn(s)
+            except Exception as exc:
+                failures += 1
+                with self._mu:
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                if failures == 1 or failures % 20 == 0:
+                    log.error("writing %s failed (attempt %d, retrying in %.1fs): %s",
+                              what, failures, delay, self.last_error)
+                if self.stopping.wait(delay):
+                    raise Stopping(what) from exc
+                delay = min(delay * 2, _BACKOFF_MAX)
+                continue
+            if failures:
+                log.warning("writing %s succeeded after %d failed attempts", what, failures)
+                self.ok()
+            return result
+
+    def ok(self) -> None:
+        with self._mu:
+            self.failing_since, self.last_error = None, None
+
+    def failure(self) -> str | None:
+        with self._mu:
+            if self.failing_since is None:
+                return None
+            return (f"database writes failing for {time.monotonic() - self.failing_since:.0f}s:"
+                    f" {self.last_error}")
+
+
+# -- identity -----------------------------------------------------------------------------------
+
+
+def stable_identity(data_dir: Path | None) -> tuple[str, int | None]:
+    """(owner name, fd of the held slot lock). The same data dir gives the same name after a
+    restart; two live processes on one data dir get different slots."""
+    host = socket.gethostname()
+    if data_dir is None:
+        return f"{host}:{uuid.uuid4().hex[:12]}", None
+    slots = Path(data_dir) / "runner"
+    slots.mkdir(parents=True, exist_ok=True)
+    for n in range(256):
+        fd = os.open(slots / f"slot-{n}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        ident = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if not ident.isalnum():
+            ident = uuid.uuid4().hex[:12]
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, ident.encode(), 0)
+            os.fsync(fd)
+        return f"{host}:{ident}", fd
+    return f"{host}:{uuid.uuid4().hex[:12]}", None
+
+
+# -- the runner -------------------------------------------------------------------------------
 
 
 class JobRunner:
@@ -34,67 +179,173 @@ class JobRunner:
         fail: FailHandler,
         *,
         workers: int = 2,
-        lease_seconds: int = 60,
+        lease_seconds: float = 60,
         poll_seconds: float = 1.0,
+        data_dir: Path | None = None,
+        on_end: EndHandler | None = None,
+        maintenance: list[Callable[[], None]] | None = None,
+        maintenance_interval: float = 60.0,
+        name: str = "bv",
     ) -> None:
         self.db = db
         self.handlers = handlers
         self.fail = fail
+        self.on_end = on_end
+        self.maintenance = list(maintenance or [])
+        self.maintenance_interval = max(0.05, maintenance_interval)
         self.workers = max(1, workers)
-        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.lease = float(lease_seconds)
         self.poll_seconds = poll_seconds
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.name = name
+        self.owner, self._identity_fd = stable_identity(data_dir)
         self._wake = threading.Condition()
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
+        self.write = DurableWriter(db, self.stopping)
+        self._workers: list[threading.Thread | None] = [None] * self.workers
         self._threads: list[threading.Thread] = []
-        self._running: set[str] = set()
+        #: job id -> (token, lost): the attempts this process runs
+        self._running: dict[str, tuple[str, threading.Event]] = {}
         self._running_lock = threading.Lock()
+        self._started = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.recover()
+        self._register()
+        self.recover_own()
+        self.recover_quietly()
         for i in range(self.workers):
-            t = threading.Thread(target=self._work, name=f"bv-worker-{i}", daemon=True)
+            self._start_worker(i)
+        for target, label in ((self._heartbeat, "heartbeat"), (self._maintain, "maintenance")):
+            t = threading.Thread(target=target, name=f"{self.name}-{label}", daemon=True)
             t.start()
             self._threads.append(t)
-        t = threading.Thread(target=self._heartbeat, name="bv-heartbeat", daemon=True)
+        self._started = True
+
+    def _start_worker(self, i: int) -> None:
+        t = threading.Thread(target=self._work, name=f"{self.name}-worker-{i}", daemon=True)
         t.start()
-        self._threads.append(t)
+        self._workers[i] = t
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
+        self.stopping.set()
         self.wake()
-        for t in self._threads:
-            t.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in [*self._workers, *self._threads]:
+            if t is not None:
+                t.join(max(0.0, deadline - time.monotonic()))
+        if self._identity_fd is not None:
+            os.close(self._identity_fd)
+            self._identity_fd = None
 
     def wake(self) -> None:
         with self._wake:
             self._wake.notify_all()
 
+    def _register(self) -> None:
+        def register(s: Session) -> None:
+            row = s.get(Runner, self.owner)
+            if row is None:
+                s.add(Runner(owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
+                             started_at=db_now(), seen_at=db_now()))
+            else:
+                row.pid, row.started_at, row.seen_at = os.getpid(), db_now(), db_now()
+        try:
+            with self.db.session() as s:
+                register(s)
+        except Exception:
+            log.exception("registering runner %s failed", self.owner)
+
+    # -- health -------------------------------------------------------------------------------
+
+    def alive_workers(self) -> int:
+        return sum(1 for t in self._workers if t is not None and t.is_alive())
+
+    def probe_db(self) -> str | None:
+        """Write this runner's row: None when the DB took the write, else the problem."""
+        try:
+            with self.db.session() as s:
+                res = s.execute(update(Runner).where(Runner.owner == self.owner)
+                                .values(seen_at=db_now()))
+                if res.rowcount == 0:
+                    s.add(Runner(owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
+                                 started_at=db_now(), seen_at=db_now()))
+        except Exception as exc:
+            return f"the database is not writable: {type(exc).__name__}: {exc}"[:300]
+        return None
+
+    def health(self) -> list[str]:
+        """What stops jobs from running, in words; empty when nothing does."""
+        problems = []
+        if self._started and self.alive_workers() == 0:
+            problems.append("no worker thread is alive")
+        failing = self.write.failure()
+        if failing:
+            problems.append(failing)
+        probe = self.probe_db()
+        if probe:
+            problems.append(probe)
+        return problems
+
     # -- recovery -------------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Re-queue or fail jobs whose lease has expired."""
-        now = utcnow()
-        with self.db.session() as s:
-            expired = list(
-                s.scalars(select(Job).where(Job.state == "running", Job.lease_expires < now))
+    def _give_back(self, s: Session, job: Job, extra: Any, reason_when_out: str) -> bool:
+        """Re-queue (or fail, when out of attempts) a running job whose attempt is dead,
+        if it still is that attempt (``extra``: further conditions). True if it was
+        failed."""
+        if job.attempts >= MAX_ATTEMPTS:
+            res = s.execute(
+                update(Job).where(Job.id == job.id, Job.token == job.token,
+                                  Job.state == "running", *extra)
+                .values(state="failed", error=reason_when_out, finished_at=db_now(),
+                        lease_expires=None)
             )
-            for job in expired:
-                if job.attempts >= MAX_ATTEMPTS:
-                    reason = (
-                        f"{job.kind} did not finish after {job.attempts} attempts; its worker "
-                        "stopped each time"
-                    )
-                    job.state, job.error, job.finished_at = "failed", reason, now
-                    log.warning("job %s (%s of backup %s) failed: %s", job.id, job.kind,
-                                job.backup_id, reason)
-                    self.fail(job, reason)
-                else:
-                    log.warning("job %s (%s of backup %s) lost its worker; re-queued",
-                                job.id, job.kind, job.backup_id)
-                    job.state, job.owner, job.lease_expires = "queued", None, None
+            if res.rowcount == 1:
+                log.warning("job %s (%s of backup %s) failed: %s", job.id, job.kind,
+                            job.backup_id, reason_when_out)
+                self.fail(s, job, reason_when_out)
+                return True
+            return False
+        res = s.execute(
+            update(Job).where(Job.id == job.id, Job.token == job.token,
+                              Job.state == "running", *extra)
+            .values(state="queued", owner=None, token=None, lease_expires=None)
+        )
+        if res.rowcount == 1:
+            log.warning("job %s (%s of backup %s) lost its worker; re-queued", job.id,
+                        job.kind, job.backup_id)
+        return False
+
+    def _recover(self, where: list[Any], extra: list[Any]) -> None:
+        failed: list[Job] = []
+        with self.db.session() as s:
+            for job in list(s.scalars(select(Job).where(Job.state == "running", *where))):
+                reason = (f"{job.kind} did not finish after {job.attempts} attempts; its "
+                          "worker stopped each time")
+                if self._give_back(s, job, extra, reason):
+                    failed.append(job)
+        for job in failed:
+            self._ended(job)
+        if failed or where:
+            self.wake()
+
+    def recover(self) -> None:
+        """Re-queue or fail jobs whose lease ran out (by the DB's clock)."""
+        self._recover([Job.lease_expires < db_now()], [Job.lease_expires < db_now()])
+
+    def recover_own(self) -> None:
+        """Take back at once what this runner's previous incarnation left running (nobody
+        else can be running it: the identity's file lock proves the old process is gone)."""
+        try:
+            self._recover([Job.owner == self.owner], [Job.owner == self.owner])
+        except Exception:
+            log.exception("taking back this runner's unfinished jobs failed")
+
+    def recover_quietly(self) -> None:
+        try:
+            self.recover()
+        except Exception:
+            log.exception("job recovery failed")
 
     # -- work -------------------------------------------------------------------------------
 
@@ -108,13 +359,15 @@ class JobRunner:
                 .limit(5)
             ).all()
             for job in candidates:
-                now = utcnow()
+                token = uuid.uuid4().hex
                 res = s.execute(
                     update(Job)
                     .where(Job.id == job.id, Job.state == "queued")
                     .values(
-                        state="running", owner=self.owner, lease_expires=now + self.lease,
-                        attempts=Job.attempts + 1, started_at=now,
+                        state="running", owner=self.owner, token=token,
+                        tokens=func.coalesce(Job.tokens, "") + token + " ",
+                        lease_expires=db_now(self.lease), attempts=Job.attempts + 1,
+                        started_at=db_now(),
                     )
                 )
                 if res.rowcount == 1:
@@ -124,64 +377,116 @@ class JobRunner:
         return None
 
     def _work(self) -> None:
-        while not self._stop.is_set():
+        delay = _BACKOFF_FIRST
+        while not self.stopping.is_set():
             try:
                 job = self._claim()
-            except Exception:  # DB hiccup: log, back off, try again
-                log.exception("claiming a job failed")
-                job = None
-            if job is None:
-                with self._wake:
-                    self._wake.wait(self.poll_seconds)
-                self.recover_quietly()
-                continue
-            self._run(job)
-
-    def recover_quietly(self) -> None:
-        try:
-            self.recover()
-        except Exception:
-            log.exception("job recovery failed")
+                if job is None:
+                    with self._wake:
+                        self._wake.wait(self.poll_seconds)
+                    self.recover()
+                else:
+                    self._run(job)
+                delay = _BACKOFF_FIRST
+            except Stopping:
+                return
+            except Exception:  # a worker outlives any failure: log, back off, go on
+                log.exception("worker loop failed; retrying in %.1fs", delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     def _run(self, job: Job) -> None:
+        lost = threading.Event()
         with self._running_lock:
-            self._running.add(job.id)
+            self._running[job.id] = (job.token or "", lost)
         log.info("job %s: %s of backup %s started (attempt %d)", job.id, job.kind,
                  job.backup_id, job.attempts)
-        state, error = "done", None
         try:
-            self.handlers[job.kind](job)
-        except Exception as exc:  # the handler records domain failures itself
-            log.exception("job %s crashed", job.id)
-            state, error = "failed", f"{type(exc).__name__}: {exc}"
+            error = None
             try:
-                self.fail(job, error)
-            except Exception:
-                log.exception("recording the failure of job %s failed", job.id)
+                self.handlers[job.kind](job)
+            except Stopping:
+                raise
+            except Exception as exc:  # the handler records domain failures itself
+                log.exception("job %s crashed", job.id)
+                error = f"{type(exc).__name__}: {exc}"[:255]
+
+            def finish(s: Session) -> bool:
+                if error is None:
+                    return finish_job(s, job, "done")
+                if finish_job(s, job, "failed", error):
+                    self.fail(s, job, error)
+                    return True
+                return False
+
+            self.write(finish, f"the outcome of job {job.id}")
         finally:
             with self._running_lock:
-                self._running.discard(job.id)
-        with self.db.session() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.owner == self.owner)
-                .values(state=state, error=error, finished_at=utcnow(), lease_expires=None)
-            )
-        log.info("job %s: %s of backup %s %s", job.id, job.kind, job.backup_id, state)
+                self._running.pop(job.id, None)
+        self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        try:
+            with self.db.session() as s:
+                row = s.get(Job, job.id)
+                state = row.state if row is not None else "gone"
+                current = row is not None and row.token == job.token
+        except Exception:
+            log.exception("reading the outcome of job %s failed", job.id)
+            return
+        if state in ("done", "failed"):
+            log.info("job %s: %s of backup %s %s", job.id, job.kind, job.backup_id, state)
+            if self.on_end is not None:
+                try:
+                    self.on_end(row)
+                except Exception:
+                    log.exception("cleaning up after job %s failed", job.id)
+        elif not current:
+            log.warning("job %s: attempt %s of %s of backup %s was superseded; its outcome "
+                        "was not recorded", job.id, (job.token or "")[:12], job.kind,
+                        job.backup_id)
 
     def _heartbeat(self) -> None:
-        interval = max(0.5, self.lease.total_seconds() / 3)
-        while not self._stop.wait(interval):
+        interval = max(0.2, self.lease / 3)
+        while not self.stopping.wait(interval):
             with self._running_lock:
-                ids = list(self._running)
-            if not ids:
+                running = dict(self._running)
+            if not running:
                 continue
             try:
                 with self.db.session() as s:
-                    s.execute(
-                        update(Job)
-                        .where(Job.id.in_(ids), Job.owner == self.owner, Job.state == "running")
-                        .values(lease_expires=utcnow() + self.lease)
-                    )
+                    for job_id, (token, lost) in running.items():
+                        res = s.execute(
+                            update(Job)
+                            .where(Job.id == job_id, Job.token == token,
+                                   Job.state == "running")
+                            .values(lease_expires=db_now(self.lease))
+                        )
+                        if res.rowcount == 0 and not lost.is_set():
+                            lost.set()
+                            log.warning("job %s: this attempt lost its lease", job_id)
             except Exception:
                 log.exception("heartbeat failed")
+
+    def attempt_lost(self, job: Job) -> bool:
+        with self._running_lock:
+            entry = self._running.get(job.id)
+        return entry is not None and entry[0] == job.token and entry[1].is_set()
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        while not self.stopping.wait(self.maintenance_interval):
+            for i, t in enumerate(self._workers):
+                if t is not None and not t.is_alive() and not self.stopping.is_set():
+                    log.error("worker thread %s died; starting a new one", t.name)
+                    self._start_worker(i)
+            for task in self.maintenance:
+                if self.stopping.is_set():
+                    return
+                try:
+                    task()
+                except Exception:
+                    log.exception("maintenance task failed")
+            if self._started and self.alive_workers() == 0:
+                log.error("no job worker thread is alive: no backup, restore or delete runs")

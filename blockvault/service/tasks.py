@@ -1,17 +1,25 @@
 """What workers do for each job kind: drive the engine and record the outcome with
 conditional updates. Every handler is idempotent, so a job re-run after a crash is safe.
+
+Each create or import attempt writes its objects under a storage id of its own
+(``<backup id>.<token>``, :func:`blockvault.service.jobs.storage_id`); only the attempt that
+wins the fenced outcome write records it in ``backups.service_metadata``, and every other
+attempt's objects are discarded. Every engine call about an existing backup uses that
+storage id (rows from before storage ids have ``service_metadata == id``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, Job, Snapshot, Volume, utcnow
 from blockvault.db.session import Database
@@ -21,6 +29,13 @@ from blockvault.service.backups import (
     backup_record,
     parse_record_datetime,
     set_backup_status,
+)
+from blockvault.service.jobs import (
+    DurableWriter,
+    attempt_is_current,
+    attempt_storage_ids,
+    finish_job,
+    storage_id,
 )
 from blockvault.service.volumes import set_volume_status
 from blockvault.store import StoreError
@@ -32,6 +47,8 @@ GiB = 1024**3
 #: DB columns are String(255); Cinder cuts fail_reason there too.
 FAIL_REASON_MAX = 255
 _CHECK_EVERY = 1.0
+#: what the store accepts as an object id (a storage id names a backup's objects)
+_STORAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 def fail_reason(exc: BaseException) -> str:
@@ -42,6 +59,12 @@ def fail_reason(exc: BaseException) -> str:
     else:
         text = f"unexpected {type(exc).__name__}: {exc}"
     return text[:FAIL_REASON_MAX]
+
+
+def backup_storage_id(backup: Backup) -> str:
+    """The name of a backup's objects in the store (rows from before storage ids have
+    ``service_metadata == id``)."""
+    return backup.service_metadata or backup.id
 
 
 class Tasks:
@@ -55,6 +78,7 @@ class Tasks:
         availability_zone: str,
         service_name: str,
         host: str,
+        gc_grace: float = 3600.0,
     ) -> None:
         self.db = db
         self.engine = engine
@@ -63,10 +87,20 @@ class Tasks:
         self.availability_zone = availability_zone
         self.service_name = service_name
         self.host = host
-        # Containers whose garbage collection was (or may have been) skipped because a
-        # backup was running there; collected once no backup runs in them any more.
-        self._gc_owed: set[str] = set()
+        self.gc_grace = gc_grace
+        # Containers owed a garbage collection (after deletes, failed or cancelled backups
+        # and discarded attempts), with when it is due (time.monotonic()); collected by the
+        # runner's maintenance timer until collect_garbage reports nothing left waiting.
+        self._gc_owed: dict[str, float] = {}
         self._gc_mu = threading.Lock()
+        self.write: DurableWriter = DurableWriter(db, threading.Event())
+        self.attempt_lost: Callable[[Job], bool] = lambda job: False
+
+    def bind(self, runner: Any) -> None:
+        """Use the runner's durable writer (retries stop with the runner) and its view of
+        lost leases."""
+        self.write = runner.write
+        self.attempt_lost = runner.attempt_lost
 
     def handlers(self) -> dict[str, Callable[[Job], None]]:
         return {
@@ -81,22 +115,35 @@ class Tasks:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _watch(self, backup_id: str, expected: str) -> Callable[[], bool]:
-        """A cheap ``cancelled()`` for the engine: re-reads the status at most once a second."""
+    def _watch(self, job: Job, expected: str) -> Callable[[], bool]:
+        """A cheap ``cancelled()`` for the engine: re-reads the backup's status and whether
+        this attempt still owns the job at most once a second (a worker that wakes up from a
+        pause past its lease stops at its next check)."""
         state = {"at": 0.0, "cancelled": False}
 
         def cancelled() -> bool:
+            if state["cancelled"]:
+                return True
+            if self.attempt_lost(job):
+                state["cancelled"] = True
+                return True
             now = time.monotonic()
             if now - state["at"] >= _CHECK_EVERY:
                 state["at"] = now
-                with self.db.session() as s:
-                    status = s.scalar(select(Backup.status).where(Backup.id == backup_id))
-                state["cancelled"] = status != expected
+                try:
+                    with self.db.session() as s:
+                        status = s.scalar(select(Backup.status)
+                                          .where(Backup.id == job.backup_id))
+                        current = attempt_is_current(s, job)
+                except Exception:  # a DB hiccup is no reason to stop; the outcome is fenced
+                    log.debug("cancel check failed", exc_info=True)
+                    return False
+                state["cancelled"] = status != expected or not current
             return state["cancelled"]
 
         return cancelled
 
-    def _progress(self, job_id: str) -> Callable[[int, int, str], None]:
+    def _progress(self, job: Job) -> Callable[[int, int, str], None]:
         state = {"at": 0.0}
 
         def progress(done: int, total: int, phase: str) -> None:
@@ -108,7 +155,7 @@ class Tasks:
                 with self.db.session() as s:
                     s.execute(
                         update(Job)
-                        .where(Job.id == job_id)
+                        .where(Job.id == job.id, Job.token == job.token)
                         .values(bytes_done=done, bytes_total=total, phase=phase)
                     )
             except Exception:  # progress is advisory; never fail a backup over it
@@ -116,30 +163,99 @@ class Tasks:
 
         return progress
 
+    def _final(self, job: Job, fn: Callable[[Session], Any] | None = None,
+               state: str = "done", error: str | None = None) -> Any:
+        """End this attempt: ``fn``'s writes and the job's ``state`` in one transaction,
+        retried until the DB takes it, and only while the attempt still owns the job.
+        Returns None for a stale attempt (nothing written), else ``fn``'s result (True
+        without ``fn``)."""
+
+        def tx(s: Session) -> Any:
+            if not finish_job(s, job, state, error):
+                return None
+            return True if fn is None else fn(s)
+
+        return self.write(tx, f"the outcome of job {job.id} ({job.kind} of {job.backup_id})")
+
+    def _failed(self, job: Job, reason: str) -> Any:
+        reason = reason[:FAIL_REASON_MAX]
+        return self._final(job, lambda s: self.fail(s, job, reason), "failed", reason)
+
+    def _discard_unless_winner(self, container: str, backup_id: str, sid: str) -> bool:
+        """Remove an attempt's objects unless that attempt's storage id is the one the
+        backup's row records. True if discarded."""
+        try:
+            with self.db.session() as s:
+                winner = s.scalar(select(Backup.service_metadata)
+                                  .where(Backup.id == backup_id))
+        except Exception:
+            log.warning("not discarding %s: could not read backup %s", sid, backup_id,
+                        exc_info=True)
+            return False
+        if winner == sid:
+            return False
+        try:
+            self.engine.discard(container=container, backup_id=sid)
+        except (StoreError, EngineError, ValueError) as exc:
+            log.warning("discarding %s in %s failed: %s", sid, container, exc)
+            return False
+        log.info("discarded attempt %s of backup %s in %s", sid, backup_id, container)
+        return True
+
+    def on_end(self, job: Job) -> None:
+        """A job reached a final state: discard what its other attempts wrote."""
+        if job.kind not in ("create", "import") or not job.tokens:
+            return
+        with self.db.session() as s:
+            backup = s.get(Backup, job.backup_id)
+            container = backup.container if backup is not None else None
+            winner = backup.service_metadata if backup is not None else None
+        if job.kind == "import":
+            record = job.params.get("record") or {}
+            container = container or record.get("container") or self.default_container
+        if not isinstance(container, str) or not container:
+            return
+        dropped = False
+        for sid in attempt_storage_ids(job.backup_id, job.tokens):
+            if sid != winner:
+                dropped |= self._discard_unless_winner(container, job.backup_id, sid)
+        if dropped or job.state == "failed":
+            self._owe_gc(container)
+
     # -- create -----------------------------------------------------------------------------
 
     def create(self, job: Job) -> None:
+        sid = storage_id(job)
         with self.db.session() as s:
             backup = s.get(Backup, job.backup_id)
             if backup is None or backup.status != "creating":
-                self._release_source(s, job)
-                return
-            vol = s.get(Volume, backup.volume_id)
-            container = backup.container or self.default_container
-            backup.container = container
-            backup.host, backup.service = self.host, self.service_name
-            backup.service_metadata = backup.id
-            backup.availability_zone = backup.availability_zone or self.availability_zone
-            source = (
-                self.driver.snapshot_path(backup.snapshot_id)
-                if backup.snapshot_id
-                else self.driver.volume_path(backup.volume_id)
-            )
-            parent = s.get(Backup, backup.parent_id) if backup.parent_id else None
-            parent_id = parent.id if parent is not None and parent.container == container else None
-            size = backup.size * GiB
-            volume_size = vol.size if vol is not None else backup.size
-            whole_volume = backup.snapshot_id is None
+                backup = None
+            else:
+                vol = s.get(Volume, backup.volume_id)
+                container = backup.container or self.default_container
+                if attempt_is_current(s, job):
+                    backup.container = container
+                    backup.host, backup.service = self.host, self.service_name
+                    backup.availability_zone = backup.availability_zone or self.availability_zone
+                source = (
+                    self.driver.snapshot_path(backup.snapshot_id)
+                    if backup.snapshot_id
+                    else self.driver.volume_path(backup.volume_id)
+                )
+                parent = s.get(Backup, backup.parent_id) if backup.parent_id else None
+                parent_id = parent_sid = None
+                if parent is not None and parent.container == container and not parent.deleted:
+                    parent_id, parent_sid = parent.id, backup_storage_id(parent)
+                size = backup.size * GiB
+                volume_size = vol.size if vol is not None else backup.size
+                whole_volume = backup.snapshot_id is None
+                record = backup_record(backup)
+                record.update(container=container, host=self.host, service=self.service_name,
+                              status="available", size=volume_size, service_metadata=sid,
+                              fail_reason=None)
+        if backup is None:
+            self._final(job, lambda s: self._release_source(s, job))
+            return
         # Changed-region hints only for a backup of the live volume against its parent.
         changes = self.driver.changes(backup.volume_id) if whole_volume else None
         stamp = changes.stamp() if changes else None
@@ -147,48 +263,53 @@ class Tasks:
         try:
             result = self.engine.backup(
                 container=container,
-                backup_id=job.backup_id,
+                backup_id=sid,
                 source=source,
                 size=size,
-                parent_id=parent_id,
-                progress=self._progress(job.id),
-                cancelled=self._watch(job.backup_id, "creating"),
+                parent_id=parent_sid,
+                record=record,
+                progress=self._progress(job),
+                cancelled=self._watch(job, "creating"),
                 changed=hint,
             )
-            with self.db.session() as s:
-                backup = s.get(Backup, job.backup_id)
-                record = backup_record(backup)
-                record.update(status="available", object_count=result.object_count,
-                              size=volume_size)
-            self.engine.write_record(container=container, backup_id=job.backup_id, record=record)
-            if changes is not None:
-                changes.reset(job.backup_id, stamp)
         except Cancelled:
-            log.info("backup %s cancelled", job.backup_id)
-            with self.db.session() as s:
-                self._release_source(s, job)
-            self._collect_garbage(container, owed=True)  # packs it uploaded are garbage now
+            log.info("backup %s (attempt %s) cancelled", job.backup_id, sid)
+            self._final(job, lambda s: self._release_source(s, job))
+            self._discard_unless_winner(container, job.backup_id, sid)
+            self._owe_gc(container)  # packs it uploaded are garbage now
             return
         except Exception as exc:
             log.warning("backup %s failed: %s", job.backup_id, exc, exc_info=not isinstance(
                 exc, StoreError | EngineError))
-            self.fail(job, fail_reason(exc))
-            self._collect_garbage(container, owed=True)
+            self._failed(job, fail_reason(exc))
+            self._discard_unless_winner(container, job.backup_id, sid)
+            self._owe_gc(container)
             return
-        with self.db.session() as s:
-            won = set_backup_status(
-                s, job.backup_id, ("creating",), status="available",
+
+        def won(s: Session) -> bool:
+            ok = set_backup_status(
+                s, job.backup_id, ("creating",), status="available", service_metadata=sid,
                 object_count=result.object_count, stored_bytes=result.stored_bytes,
                 size=volume_size, fail_reason=None,
             )
-            if won and backup.parent_id:
+            if ok and parent_id:
                 s.execute(
                     update(Backup)
-                    .where(Backup.id == backup.parent_id)
+                    .where(Backup.id == parent_id)
                     .values(num_dependent_backups=Backup.num_dependent_backups + 1)
                 )
             self._release_source(s, job)
-        self._collect_garbage(container)
+            return ok
+
+        if self._final(job, won):
+            if changes is not None:
+                changes.reset(job.backup_id, stamp)
+            return
+        # Superseded (or the backup was force-deleted meanwhile): not this attempt's data.
+        log.warning("backup %s: attempt %s finished but does not own the job any more; "
+                    "its objects are discarded", job.backup_id, sid)
+        if self._discard_unless_winner(container, job.backup_id, sid):
+            self._owe_gc(container)
 
     def _release_source(self, s: Any, job: Job, failed: bool = False) -> None:
         """Put the volume (or snapshot) back to the status it had before the backup."""
@@ -217,27 +338,35 @@ class Tasks:
         self.driver.changes(job.volume_id).invalidate()
         with self.db.session() as s:
             backup = s.get(Backup, job.backup_id)
-            if backup is None or backup.status != "restoring":
-                set_volume_status(s, job.volume_id, ("restoring-backup",), status="error_restoring")
-                return
-            container = backup.container or self.default_container
+            ready = backup is not None and backup.status == "restoring"
+            if ready:
+                container = backup.container or self.default_container
+                sid = backup_storage_id(backup)
+        if not ready:
+            self._final(job, lambda s: set_volume_status(
+                s, job.volume_id, ("restoring-backup",), status="error_restoring"))
+            return
         try:
             self.engine.restore(
                 container=container,
-                backup_id=job.backup_id,
+                backup_id=sid,
                 target=self.driver.volume_path(job.volume_id),
                 target_is_new=bool(job.params.get("target_is_new")),
-                progress=self._progress(job.id),
-                cancelled=self._watch(job.backup_id, "restoring"),
+                progress=self._progress(job),
+                cancelled=self._watch(job, "restoring"),
             )
         except Exception as exc:
             if not isinstance(exc, Cancelled):
                 log.warning("restore of backup %s failed: %s", job.backup_id, exc)
-            self.fail(job, "restore cancelled" if isinstance(exc, Cancelled) else fail_reason(exc))
+            self._failed(job, "restore cancelled" if isinstance(exc, Cancelled)
+                         else fail_reason(exc))
             return
-        with self.db.session() as s:
+
+        def restored(s: Session) -> None:
             backup = s.get(Backup, job.backup_id)
             vol = s.get(Volume, job.volume_id)
+            if backup is None or vol is None:
+                return
             meta = backup.volume_meta or {}
             values: dict[str, Any] = {
                 "status": "available",
@@ -254,65 +383,91 @@ class Tasks:
             set_backup_status(s, job.backup_id, ("restoring",), status="available",
                               fail_reason=None)
 
+        self._final(job, restored)
+
     # -- delete -----------------------------------------------------------------------------
 
     def delete(self, job: Job) -> None:
         with self.db.session() as s:
             backup = s.get(Backup, job.backup_id)
-            if backup is None or backup.status != "deleting":
-                return
-            container = backup.container
+            ready = backup is not None and backup.status == "deleting"
+            if ready:
+                container = backup.container
+                sid = backup_storage_id(backup)
+                # What earlier attempts of this backup's create/import may have left.
+                leftovers: set[str] = set()
+                for tokens in s.scalars(select(Job.tokens).where(
+                        Job.backup_id == job.backup_id, Job.kind.in_(("create", "import")))):
+                    leftovers.update(attempt_storage_ids(job.backup_id, tokens))
+                leftovers.discard(sid)
+        if not ready:
+            self._final(job)
+            return
         try:
             if container:
-                self.engine.delete(container=container, backup_id=job.backup_id)
-                # The engine skips collection while a backup runs in the container.
-                if self._backup_running_in(container):
-                    with self._gc_mu:
-                        self._gc_owed.add(container)
+                collected = self.engine.delete(container=container, backup_id=sid)
+                for other in sorted(leftovers):
+                    self.engine.discard(container=container, backup_id=other)
+                if collected is not True:  # condemned packs wait for the grace period
+                    self._owe_gc(container, self.gc_grace)
         except Exception as exc:
             log.warning("delete of backup %s failed: %s", job.backup_id, exc)
-            self.fail(job, fail_reason(exc))
+            self._failed(job, fail_reason(exc))
             return
-        with self.db.session() as s:
+
+        def deleted(s: Session) -> None:
             backup = s.get(Backup, job.backup_id)
             won = set_backup_status(
                 s, job.backup_id, ("deleting",), status="deleted", deleted=True,
                 deleted_at=utcnow(),
             )
-            if won and backup.parent_id:
+            if won and backup is not None and backup.parent_id:
                 s.execute(
                     update(Backup)
                     .where(Backup.id == backup.parent_id, Backup.num_dependent_backups > 0)
                     .values(num_dependent_backups=Backup.num_dependent_backups - 1)
                 )
 
+        self._final(job, deleted)
+
     # -- garbage collection -------------------------------------------------------------------
 
-    def _backup_running_in(self, container: str) -> bool:
-        with self.db.session() as s:
-            return s.scalar(
-                select(Backup.id).where(Backup.container == container,
-                                        Backup.status == "creating").limit(1)
-            ) is not None
-
-    def _collect_garbage(self, container: str, owed: bool = False) -> None:
-        """Collect ``container`` if a collection is owed and no backup runs there now.
-        Best effort: garbage only costs space, and the next attempt collects it."""
+    def _owe_gc(self, container: str, delay: float = 0.0) -> None:
+        """Remember that ``container`` holds (or may hold) garbage. An entry already waiting
+        keeps its due time: collect_garbage wants a grace period between its calls."""
         with self._gc_mu:
-            if owed:
-                self._gc_owed.add(container)
-            if container not in self._gc_owed:
-                return
-        if self._backup_running_in(container):
-            return
-        try:
-            done = self.engine.collect_garbage(container=container)
-        except (StoreError, EngineError) as exc:
-            log.warning("garbage collection in %s failed: %s", container, exc)
-            return
-        if done:
+            self._gc_owed.setdefault(container, time.monotonic() + delay)
+
+    def owe_gc_everywhere(self) -> None:
+        """At start-up: a collection before the restart may have left packs condemned."""
+        with self.db.session() as s:
+            containers = set(s.scalars(select(Backup.container).where(
+                Backup.container.is_not(None)).distinct()))
+        for c in containers:
+            self._owe_gc(c, self.gc_grace)
+
+    def gc_owed(self) -> dict[str, float]:
+        with self._gc_mu:
+            return dict(self._gc_owed)
+
+    def collect_owed(self) -> None:
+        """Collect every container whose collection is due (the maintenance timer)."""
+        now = time.monotonic()
+        with self._gc_mu:
+            due = sorted(c for c, at in self._gc_owed.items() if at <= now)
+        for container in due:
+            try:
+                done = self.engine.collect_garbage(container=container)
+            except (StoreError, EngineError) as exc:
+                log.warning("garbage collection in %s failed: %s", container, exc)
+                done = False
             with self._gc_mu:
-                self._gc_owed.discard(container)
+                if done:
+                    self._gc_owed.pop(container, None)
+                else:
+                    self._gc_owed[container] = time.monotonic() + self.gc_grace
+            log.info("garbage collection in %s: %s", container,
+                     "done" if done else f"again in {self.gc_grace:g}s")
 
     # -- import -----------------------------------------------------------------------------
 
@@ -320,22 +475,26 @@ class Tasks:
         record: dict[str, Any] = job.params["record"]
         service = job.params.get("backup_service") or ""
         if not self.service_name.startswith(service):
-            self.fail(job, "Import record failed, cannot find backup service to perform the "
-                           f"import. Request service {service}.")
+            self._failed(job, "Import record failed, cannot find backup service to perform "
+                              f"the import. Request service {service}.")
             return
         required = ("display_name", "display_description", "container", "size",
                     "service_metadata", "object_count", "id")
         missing = [k for k in required if k not in record]
         if missing:
-            self.fail(job, "Driver successfully decoded imported backup data, but there are "
-                           f"missing fields ({', '.join(missing)}).")
+            self._failed(job, "Driver successfully decoded imported backup data, but there "
+                              f"are missing fields ({', '.join(missing)}).")
             return
         container = record["container"] or self.default_container
         source_id = record.get("service_metadata") or record["id"]
+        sid = storage_id(job)
+        cloned = False
         try:
-            uuid.UUID(str(source_id))
+            if not isinstance(source_id, str) or not _STORAGE_ID.match(source_id):
+                raise ValueError(f"Import record failed: invalid service_metadata "
+                                 f"{str(source_id)[:60]!r}.")
             if not isinstance(container, str):
-                raise ValueError("container is not a string")
+                raise ValueError("Import record failed: container is not a string.")
             if not self.engine.has_backup(container=container, backup_id=source_id):
                 raise LookupError(
                     f"Import record failed: no backup data for {source_id} in container "
@@ -347,25 +506,34 @@ class Tasks:
                 raise
             except EngineError:
                 pass  # a missing record is no reason to refuse: the manifest is what restores
-            if source_id != job.backup_id:
-                # Each backup owns its own manifest, so deleting one copy of an
-                # export/import pair never breaks the other (packs are shared by reference).
-                self.engine.clone_backup(
-                    container=container, source_id=source_id, target_id=job.backup_id
+            # Always a manifest of its own, whatever the API id: deleting the backup here
+            # must never remove what another deployment (or the exporter) restores from.
+            cloned = True
+            self.engine.clone_backup(container=container, source_id=source_id, target_id=sid)
+            data_bytes = int(self.engine.manifest_info(container=container,
+                                                       backup_id=sid)["size"])
+            size = math.ceil(data_bytes / GiB)
+            if record["size"] != size:
+                raise ValueError(
+                    f"Import record failed: the record's size ({record['size']} GiB) does not "
+                    f"match its backup data ({data_bytes} bytes, {size} GiB)."
                 )
         except (ValueError, LookupError, StoreError, EngineError) as exc:
-            self.fail(job, str(exc)[:FAIL_REASON_MAX])
+            self._failed(job, str(exc))
+            if cloned:
+                self._discard_unless_winner(container, job.backup_id, sid)
             return
-        with self.db.session() as s:
-            backup = s.get(Backup, job.backup_id)
-            if backup is None or backup.status != "creating":
-                return
+
+        def won(s: Session) -> bool:
+            backup = s.get(Backup, job.backup_id, with_for_update=True)
+            if backup is None or backup.status != "creating" or backup.deleted:
+                return False
             backup.volume_id = record.get("volume_id") or backup.volume_id
             backup.parent_id = record.get("parent_id")
             backup.display_name = record.get("display_name")
             backup.display_description = record.get("display_description")
             backup.container = container
-            backup.size = record["size"]
+            backup.size = size
             backup.object_count = record.get("object_count") or 0
             backup.snapshot_id = record.get("snapshot_id")
             backup.encryption_key_id = record.get("encryption_key_id")
@@ -377,7 +545,7 @@ class Tasks:
             )
             backup.service, backup.host = self.service_name, self.host
             backup.availability_zone = self.availability_zone
-            backup.service_metadata = job.backup_id
+            backup.service_metadata = sid
             backup.num_dependent_backups = s.scalar(
                 select(func.count()).where(
                     Backup.parent_id == job.backup_id,
@@ -385,6 +553,7 @@ class Tasks:
                     Backup.status == "available",
                 )
             )
+            backup.fail_reason = None
             backup.status, backup.updated_at = "available", utcnow()
             if backup.parent_id:
                 s.execute(
@@ -392,6 +561,17 @@ class Tasks:
                     .where(Backup.id == backup.parent_id, Backup.deleted.is_(False))
                     .values(num_dependent_backups=Backup.num_dependent_backups + 1)
                 )
+            s.flush()
+            return backup_record(backup)
+
+        rec = self._final(job, won)
+        if not rec:
+            self._discard_unless_winner(container, job.backup_id, sid)
+            return
+        try:  # the clone's own record: what `blockvault recover` finds for this deployment
+            self.engine.write_record(container=container, backup_id=sid, record=rec)
+        except (StoreError, EngineError) as exc:
+            log.warning("record of imported backup %s not written: %s", job.backup_id, exc)
 
     # -- record -----------------------------------------------------------------------------
 
@@ -403,10 +583,9 @@ class Tasks:
             if backup is None or backup.status != "available" or not backup.container:
                 return
             record = backup_record(backup)
-            container = backup.container
+            container, sid = backup.container, backup_storage_id(backup)
         try:
-            self.engine.write_record(container=container, backup_id=job.backup_id,
-                                     record=record)
+            self.engine.write_record(container=container, backup_id=sid, record=record)
         except (StoreError, EngineError) as exc:
             log.warning("record of backup %s not updated: %s", job.backup_id, exc)
 
@@ -418,19 +597,20 @@ class Tasks:
         with self.db.session() as s:
             backup = s.get(Backup, job.backup_id)
             container = backup.container if backup is not None else None
+            sid = backup_storage_id(backup) if backup is not None else job.backup_id
         if not container:
             report = {"ok": False, "checked_blocks": 0, "missing": [], "corrupt": [],
                       "error": "the backup holds no data to verify"}
         else:
-            report = self._verify_report(container, job.backup_id)
-        with self.db.session() as s:
-            s.execute(update(Job).where(Job.id == job.id).values(result=report))
+            report = self._verify_report(container, sid)
+        self._final(job, lambda s: s.execute(
+            update(Job).where(Job.id == job.id).values(result=report)))
 
     def verify_container(self, job: Job) -> None:
         """Check every block every backup of a container references."""
         report = self._verify_report(job.params["container"], None)
-        with self.db.session() as s:
-            s.execute(update(Job).where(Job.id == job.id).values(result=report))
+        self._final(job, lambda s: s.execute(
+            update(Job).where(Job.id == job.id).values(result=report)))
 
     def _verify_report(self, container: str, backup_id: str | None) -> dict:
         try:
@@ -443,20 +623,20 @@ class Tasks:
 
     # -- failure ----------------------------------------------------------------------------
 
-    def fail(self, job: Job, reason: str) -> None:
-        """Record a failed job in the reference's error states."""
+    def fail(self, s: Session, job: Job, reason: str) -> None:
+        """Record a failed job in the reference's error states, inside the transaction that
+        won the job row's conditional update."""
         reason = reason[:FAIL_REASON_MAX]
-        with self.db.session() as s:
-            if job.kind in ("create", "import"):
-                set_backup_status(s, job.backup_id, ("creating",), status="error",
-                                  fail_reason=reason)
-                if job.kind == "create":
-                    self._release_source(s, job, failed=True)
-            elif job.kind == "restore":
-                set_backup_status(s, job.backup_id, ("restoring",), status="available",
-                                  fail_reason=reason)
-                set_volume_status(s, job.volume_id, ("restoring-backup",),
-                                  status="error_restoring")
-            elif job.kind == "delete":
-                set_backup_status(s, job.backup_id, ("deleting",), status="error",
-                                  fail_reason=reason)
+        if job.kind in ("create", "import"):
+            set_backup_status(s, job.backup_id, ("creating",), status="error",
+                              fail_reason=reason)
+            if job.kind == "create":
+                self._release_source(s, job, failed=True)
+        elif job.kind == "restore":
+            set_backup_status(s, job.backup_id, ("restoring",), status="available",
+                              fail_reason=reason)
+            set_volume_status(s, job.volume_id, ("restoring-backup",),
+                              status="error_restoring")
+        elif job.kind == "delete":
+            set_backup_status(s, job.backup_id, ("deleting",), status="error",
+                              fail_reason=reason)
