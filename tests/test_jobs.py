@@ -5,14 +5,20 @@ and states")."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
+import json
 import os
+import shutil
+import sqlite3
+import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -300,3 +306,144 @@ def test_two_processes_on_one_data_dir_have_distinct_identities(tmp_path):
     assert again == first
     os.close(fd2)
     os.close(fd3)
+
+
+# -- workers survive a DB that refuses writes ------------------------------------------------
+
+
+def _private_tmpfs(mountpoint: Path, size: str) -> list[str]:
+    """A command prefix running the server in a mount namespace of its own, with a small
+    tmpfs at ``mountpoint`` (no privileges needed: a user namespace)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is not installed")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c",
+                            f"mount -t tmpfs -o size=1m tmpfs {mountpoint}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private tmpfs here: {probe.stderr.decode().strip()}")
+    return ["unshare", "-rm", "sh", "-c",
+            f'mount -t tmpfs -o size={size} tmpfs {mountpoint} && exec "$@"', "sh"]
+
+
+def _health(srv: Server) -> tuple[int, dict]:
+    r = httpx.get(srv.url + "/healthcheck", timeout=60)
+    return r.status_code, r.json()
+
+
+def test_workers_survive_a_full_disk(tmp_path):
+    """The DB's filesystem fills up while two backups run, so their outcome writes fail.
+    The workers live on: /healthcheck says 503 while the DB refuses writes, both backups
+    end in a final status once space is freed, their volumes go back to available, and new
+    jobs run."""
+    mnt = tmp_path / "dbfs"
+    mnt.mkdir()
+    prefix = _private_tmpfs(mnt, "24m")
+    env = {"BLOCKVAULT_DATABASE_URL": f"sqlite:///{mnt}/bv.sqlite"}
+    srv = Server(tmp_path / "bv", env, prefix=prefix).start()
+    try:
+        assert _health(srv) == (200, {"status": "ok", "workers_alive": 2, "workers": 2})
+        api = srv.client("alice", "p1")
+        vols = [_busy_volume(api, 160) for _ in range(2)]
+        backups = [api.create_backup(v, wait=False) for v in vols]
+        _wait(lambda: all(_job_state(api, b) == "running" for b in backups), 30,
+              "both backups to run")
+        # Fill the DB's filesystem. Emptying the WAL first makes every write need space.
+        root = Path(f"/proc/{srv.proc.pid}/root")
+        db = sqlite3.connect(root / str(mnt).lstrip("/") / "bv.sqlite", timeout=30)
+        _wait(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0,
+              30, "a WAL checkpoint")
+        db.close()
+        filler = root / str(mnt).lstrip("/") / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(MiB))
+                    f.flush()
+            except OSError:
+                pass
+        # Both backups' work ends and their outcome cannot be written.
+        _wait(lambda: _health(srv)[0] == 503, 60, "the health check to see the fault")
+        code, body = _health(srv)
+        assert body["status"] == "unhealthy"
+        assert any("database" in p for p in body["problems"]), body
+        time.sleep(8)  # past the backups' engine work and the test lease (6 s)
+        for b in backups:
+            assert api.get(f"/backups/{b}").json()["backup"]["status"] == "creating"
+        assert "ERROR" in srv.log()
+        filler.unlink()
+        for b, v in zip(backups, vols, strict=True):
+            final = api.wait("backup", b, {"available", "error"}, timeout=60)
+            if final["status"] == "error":
+                assert final["fail_reason"], final
+            assert api.get(f"/volumes/{v}").json()["volume"]["status"] == "available"
+        _wait(lambda: _health(srv)[0] == 200, 30, "the health check to recover")
+        assert _health(srv)[1]["workers_alive"] == 2
+        # new jobs run
+        more = api.create_backup(vols[0])
+        assert api.get(f"/backups/{more}").json()["backup"]["status"] == "available"
+    finally:
+        srv.stop()
+
+
+# -- imports own their data ------------------------------------------------------------------
+
+
+def _verified(api, backup: str) -> dict:
+    assert api.post(f"/backups/{backup}/verify").status_code == 202
+    return _wait(lambda: (v := api.get(f"/backups/{backup}/verify").json()["verification"])
+                 ["state"] in ("ok", "failed") and v, 60, "the verification")
+
+
+def test_an_import_under_the_original_id_owns_its_data(tmp_path):
+    """A DR drill: deployment B (its own DB) imports A's backup under its original id from
+    the same store, then deletes it. A's backup still restores byte-exact and verifies."""
+    env = {"BLOCKVAULT_LOCAL_STORE_DIR": str(tmp_path / "store")}
+    a = Server(tmp_path / "a", env).start()
+    b = Server(tmp_path / "b", env).start()
+    try:
+        api = a.client("alice", "p1")
+        vol = api.create_volume(1)
+        api.write(vol, 0, os.urandom(3 * MiB))
+        api.write(vol, 500 * MiB, os.urandom(MiB))
+        h = api.volume_sha256(vol)
+        backup = api.create_backup(vol, name="drill")
+        rec = a.client("admin", "admin").get(f"/backups/{backup}/export_record").json()
+        admin_b = b.client("admin", "admin")
+        r = admin_b.post("/backups/import_record", {"backup-record": rec["backup-record"]})
+        assert r.status_code == 201, r.text
+        assert admin_b.wait("backup", backup, {"available", "error"})["status"] == "available"
+        assert admin_b.volume_sha256(admin_b.restore(backup)) == h
+        assert admin_b.delete(f"/backups/{backup}").status_code == 202
+        admin_b.wait("backup", backup, {"deleted"})
+        # A is untouched
+        assert _verified(api, backup)["state"] == "ok"
+        assert api.volume_sha256(api.restore(backup)) == h
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_an_imported_size_is_the_data_s_not_the_record_s(server, admin):
+    """A record claiming another size than its data covers is refused with a reason (a
+    restore would otherwise write past the volume it creates); the size an import takes is
+    the manifest's, rounded up to GiB."""
+    vol = admin.create_volume(2)
+    admin.write(vol, 0, os.urandom(MiB))
+    backup = admin.create_backup(vol)
+    rec = admin.get(f"/backups/{backup}/export_record").json()["backup-record"]
+    record = json.loads(base64.b64decode(rec["backup_url"]))
+    for size in (1, 3):
+        record.update(id=str(uuid.uuid4()), size=size)
+        url = base64.b64encode(json.dumps(record).encode()).decode()
+        r = admin.post("/backups/import_record", {"backup-record": {
+            "backup_service": rec["backup_service"], "backup_url": url}})
+        assert r.status_code == 201, r.text
+        b = admin.wait("backup", record["id"], {"available", "error"})
+        assert b["status"] == "error", b
+        assert "size" in b["fail_reason"] and "does not match" in b["fail_reason"], b
+    record.update(id=str(uuid.uuid4()), size=2)
+    url = base64.b64encode(json.dumps(record).encode()).decode()
+    r = admin.post("/backups/import_record", {"backup-record": {
+        "backup_service": rec["backup_service"], "backup_url": url}})
+    b = admin.wait("backup", record["id"], {"available", "error"})
+    assert (b["status"], b["size"]) == ("available", 2), b
