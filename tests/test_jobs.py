@@ -447,3 +447,59 @@ def test_an_imported_size_is_the_data_s_not_the_record_s(server, admin):
         "backup_service": rec["backup_service"], "backup_url": url}})
     b = admin.wait("backup", record["id"], {"available", "error"})
     assert (b["status"], b["size"]) == ("available", 2), b
+
+
+# -- a parent and its incremental ----------------------------------------------------------------
+
+
+def test_a_parent_cannot_be_deleted_under_a_new_incremental(tmp_path, pg_url):
+    """Two processes on PostgreSQL: deleting a backup and creating an incremental on it at
+    the same moment. Exactly one of them wins; never a child whose parent is deleted."""
+    env = {"BLOCKVAULT_DATABASE_URL": pg_url}
+    a = Server(tmp_path / "shared", env).start()  # one host: volumes and store shared
+    b = Server(tmp_path / "shared", env)
+    b.log_path = tmp_path / "b.log"
+    b.start()
+    try:
+        outcomes = []
+        for i in range(16):
+            # a project and volume of its own each round: the parent is the only candidate
+            project = uuid.uuid4().hex
+            api_a, api_b = a.client("alice", project), b.client("alice", project)
+            vol = api_a.create_volume(1)
+            api_a.write(vol, 0, os.urandom(64 * 1024))
+            parent = api_a.create_backup(vol)
+            go = threading.Barrier(2)
+            res: dict[str, httpx.Response] = {}
+
+            def delete(api=api_a, parent=parent, go=go, res=res, lag=i * 0.002) -> None:
+                go.wait()
+                time.sleep(lag)  # a create takes longer: sweep the delete across it
+                res["delete"] = api.delete(f"/backups/{parent}")
+
+            def child(api=api_b, vol=vol, go=go, res=res) -> None:
+                go.wait()
+                res["create"] = api.post("/backups", {"backup": {
+                    "volume_id": vol, "incremental": True}})
+
+            threads = [threading.Thread(target=delete), threading.Thread(target=child)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            codes = (res["delete"].status_code, res["create"].status_code)
+            outcomes.append(codes)
+            assert codes in ((202, 400), (400, 202)), [r.text for r in res.values()]
+            if codes == (400, 202):
+                assert res["delete"].json()["badRequest"]["message"] == (
+                    "Invalid backup: Incremental backups exist for this backup.")
+                new = res["create"].json()["backup"]["id"]
+                child_b = api_a.wait("backup", new, {"available", "error"})
+                assert child_b["status"] == "available", child_b
+                assert api_a.get(f"/backups/{parent}").json()["backup"]["has_dependent_backups"]
+            else:
+                assert "No backups available" in res["create"].text
+                api_a.wait("backup", parent, {"deleted"})
+    finally:
+        a.stop()
+        b.stop()
