@@ -613,3 +613,155 @@ def test_lagging_backend_with_real_time(backend):
     assert list(c.list()) == []
     time.sleep(0.35)
     assert list(c.list()) == ["o"]
+
+
+# ------------------------------------------------------------------- put_new ---
+
+
+def _record_links(monkeypatch, log: SyncLog) -> None:
+    real_link = os.link
+
+    def link(src, dst, *a, **k) -> None:
+        real_link(src, dst, *a, **k)
+        log.events.append(("link", os.fspath(dst)))
+
+    monkeypatch.setattr(os, "link", link)
+
+
+def test_put_new_links_durably(monkeypatch, backend, container):
+    root = backend.root / "c"
+    log = SyncLog(monkeypatch)
+    _record_links(monkeypatch, log)
+    assert container.put_new("meta/config", b"v1") is True
+    obj = root / "meta" / "config"
+    assert log.synced_after(obj.parent, "link", obj), log.events
+    assert log.synced_after(root, "mkdir", root / "meta"), log.events
+    fsyncs = [i for i, (e, _) in enumerate(log.events) if e == "fsync-file"]
+    assert fsyncs and fsyncs[0] < log.index("link", obj)  # the data before its name
+    assert not any(e == "replace" for e, _ in log.events)  # never a rename over a name
+    assert tmp_files(backend.root) == []
+    assert obj.stat().st_nlink == 1  # the temporary name is gone
+
+
+def test_put_new_of_a_taken_name_writes_nothing_and_still_fsyncs(monkeypatch, backend,
+                                                                  container):
+    container.put("config", b"theirs")
+    before = (backend.root / "c" / "config").stat()
+    log = SyncLog(monkeypatch)
+    assert container.put_new("config", b"ours, longer") is False
+    after = (backend.root / "c" / "config").stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns)
+    assert container.get("config") == b"theirs"
+    assert tmp_files(backend.root) == []
+    # the object found may be this caller's own from an attempt whose fsync failed
+    assert ("fsync-dir", str(backend.root / "c")) in log.events
+
+
+def test_put_new_retried_after_a_lost_answer_says_false_for_its_own_object(monkeypatch,
+                                                                           tmp_path):
+    """The retry layer's documented case: the first attempt linked the object, then its
+    directory fsync failed (StoreUnavailable); the retry finds the object -- its own -- and
+    answers False. The caller re-reads it and finds its bytes; the retry made it durable."""
+    c = RetryingBackend(LocalBackend(tmp_path / "store"), attempts=3,
+                        sleep=lambda d: None).open("c")
+    real_fsync = os.fsync
+    failed: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if _is_dir_fd(fd) and os.path.exists(tmp_path / "store" / "c" / "config") and not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = SyncLog(monkeypatch)  # records the real calls after ours
+    assert c.put_new("config", b"ours") is False
+    assert failed  # the first attempt did fail after linking
+    assert c.get("config") == b"ours"
+    assert log.events.count(("fsync-dir", str(tmp_path / "store" / "c"))) >= 1
+    assert tmp_files(tmp_path / "store") == []
+
+
+def test_put_new_on_a_directory_of_the_layout_is_a_permanent_error(backend, container):
+    container.put("packs/ab/p", b"1")
+    with pytest.raises(StorePermanentError, match=r"cannot write packs/ab .*EISDIR"):
+        container.put_new("packs/ab", b"2")
+    assert tmp_files(backend.root) == []
+    assert container.get("packs/ab/p") == b"1"
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
+def test_put_new_on_a_filesystem_without_hard_links(monkeypatch, backend, container, code):
+    _failing(monkeypatch, "link", code)
+    with pytest.raises(StorePermanentError, match="does not support hard links") as ei:
+        container.put_new("meta/config", b"1")
+    assert "cannot create meta/config in container c" in str(ei.value)
+    monkeypatch.undo()
+    assert_absent(container, backend.root, "meta/config")
+
+
+def test_put_new_over_nfs_with_a_retransmitted_link(monkeypatch, backend, container):
+    """NFS: the first LINK linked, its answer was lost, the retransmission answers EEXIST.
+    The name holds our own inode: created."""
+    real_link = os.link
+
+    def link(src, dst, *a, **k) -> None:
+        real_link(src, dst, *a, **k)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+
+    monkeypatch.setattr(os, "link", link)
+    assert container.put_new("config", b"ours") is True
+    monkeypatch.undo()
+    assert container.get("config") == b"ours"
+    assert tmp_files(backend.root) == []
+
+
+def test_put_new_on_a_full_disk_fails_whole(tiny_fs):
+    c, root = _full_store(tiny_fs)
+    with pytest.raises(StoreFull) as ei:
+        c.put_new("packs/ab/new", os.urandom(512 * KiB))
+    _assert_full(ei.value, "packs/ab/new")
+    assert_absent(c, root, "packs/ab/new")
+
+
+_PUT_NEW_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from blockvault.store.local import LocalBackend
+
+    root, me, go, names = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    c = LocalBackend(root).open("c")
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    won = [c.put_new(f"race/{i}/config", f"process {me} ".encode() * (1 + int(me)))
+           for i in range(names)]
+    print(json.dumps(won))
+""")
+
+
+def test_put_new_race_between_processes(tmp_path):
+    """Deployments are processes: several create the same names at the same moment, and
+    for each name exactly one wins and its bytes are stored."""
+    procs, names, go = 4, 30, tmp_path / "go"
+    LocalBackend(tmp_path / "store").open("c")
+    children = [
+        subprocess.Popen([sys.executable, "-c", _PUT_NEW_CHILD, str(tmp_path / "store"),
+                          str(me), str(go), str(names)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+        for me in range(procs)
+    ]
+    time.sleep(0.5)  # all started and polling
+    go.touch()
+    won = []
+    for child in children:
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        won.append(json.loads(out))
+    c = LocalBackend(tmp_path / "store").open("c", create=False)
+    for i in range(names):
+        winners = [me for me in range(procs) if won[me][i]]
+        assert len(winners) == 1, (i, winners)
+        me = winners[0]
+        assert c.get(f"race/{i}/config") == f"process {me} ".encode() * (1 + me)
+    assert tmp_files(tmp_path / "store") == []

@@ -7,6 +7,9 @@ Swift and S3 run against a real Swift all-in-one (Swift API + s3api) started by 
 from __future__ import annotations
 
 import hashlib
+import http.server
+import io
+import tempfile
 import threading
 import time
 import uuid
@@ -15,12 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import swiftclient
 
 from blockvault.store.base import (
     Backend,
     Container,
     ObjectInfo,
     ObjectNotFound,
+    StoreFull,
     StorePermanentError,
     StoreUnavailable,
 )
@@ -296,6 +301,143 @@ def test_swift_time_parsing():
         _listing_mtime({"name": "o", "last_modified": "yesterday"})
 
 
+# ------------------------------------------------------------------ put_new ---
+
+
+def test_put_new_creates_only_when_absent(container: Container):
+    assert container.put_new("config", b"first deployment") is True
+    assert container.get("config") == b"first deployment"
+    assert container.put_new("config", b"second deployment!") is False
+    assert container.get("config") == b"first deployment"  # the old bytes, untouched
+    assert container.head("config") == len(b"first deployment")
+    container.put("plain", b"written by put")
+    assert container.put_new("plain", b"other") is False
+    assert container.get("plain") == b"written by put"
+    assert container.put_new("deep/er/name", b"") is True  # empty, under new "directories"
+    assert container.get("deep/er/name") == b""
+    container.delete("config")
+    assert container.put_new("config", b"again") is True  # absent again: created again
+    assert container.get("config") == b"again"
+    assert sorted(container.list()) == ["config", "deep/er/name", "plain"]
+
+
+RACE_WRITERS = 8
+
+
+def _race(container: Container, name: str) -> tuple[list[bytes], bytes]:
+    """RACE_WRITERS threads call put_new(name) with different bytes at the same moment:
+    (the bytes of those answered True, the bytes stored)."""
+    barrier = threading.Barrier(RACE_WRITERS)
+
+    def create(i: int) -> tuple[bytes, bool]:
+        data = f"deployment {i} ".encode() * (i + 1)
+        barrier.wait()
+        return data, container.put_new(name, data)
+
+    with ThreadPoolExecutor(RACE_WRITERS) as pool:
+        results = list(pool.map(create, range(RACE_WRITERS)))
+    return [data for data, won in results if won], container.get(name)
+
+
+def test_put_new_race(kind, container: Container):
+    """Writers racing to create one name: on the local store exactly one wins and its bytes
+    are stored. Swift and S3 (Swift's s3api here) check If-None-Match when a PUT starts, not
+    when it commits (see test_swift_put_new_overlapping_writers_both_win): overlapping
+    writers can both answer True there, so only what holds on every backend is asserted for
+    them: someone won, and what is stored is a winner's bytes, never a loser's."""
+    rounds = 20 if kind == "local" else 6
+    several = 0
+    for r in range(rounds):
+        winners, stored = _race(container, f"race/{r}/config")
+        assert winners, "nobody created the object"
+        assert stored in winners
+        if kind == "local":
+            assert len(winners) == 1, winners
+            assert stored == winners[0]
+        several += len(winners) > 1
+    if several:
+        print(f"{kind}: {several}/{rounds} races had more than one True")
+
+
+@pytest.mark.parametrize("kind", ["swift"])
+def test_swift_put_new_overlapping_writers_both_win(kind, backend, monkeypatch):
+    """Why put_new is not atomic on Swift, made deterministic: A's PUT reaches the proxy
+    (timestamp t_A, the object server finds no object), then B's (t_B > t_A, no object
+    yet either); A's body completes, A reads back its own object: True. Then B's body
+    completes: its newer object replaces A's and B reads back its own: True as well. Both
+    bodies are held back by stalling their first read."""
+    c = backend.open(new_container_name())
+    bodies = {b"A" * 100: threading.Event(), b"B" * 100: threading.Event()}
+    started = {data: threading.Event() for data in bodies}
+
+    class Stalled(io.BytesIO):
+        def __init__(self, data: bytes) -> None:
+            super().__init__(data)
+            self.data = data
+
+        def read(self, size: int | None = -1) -> bytes:
+            started[self.data].set()  # the request headers are sent
+            assert bodies[self.data].wait(30)
+            return super().read(size)
+
+    real_put = swiftclient.Connection.put_object
+
+    def put_object(self, container, obj, contents, *args, **kwargs):
+        if isinstance(contents, bytes) and contents in bodies:
+            contents = Stalled(contents)
+        return real_put(self, container, obj, contents, *args, **kwargs)
+
+    monkeypatch.setattr(swiftclient.Connection, "put_object", put_object)
+    results: dict[bytes, bool] = {}
+
+    def create(data: bytes) -> None:
+        results[data] = c.put_new("config", data)
+
+    a, b = list(bodies)
+    ta = threading.Thread(target=create, args=(a,))
+    tb = threading.Thread(target=create, args=(b,))
+    try:
+        ta.start()
+        assert started[a].wait(30)
+        time.sleep(0.5)  # the proxy stamps A and the object server checks: no object
+        tb.start()
+        assert started[b].wait(30)
+        time.sleep(0.5)  # B too, later
+        bodies[a].set()
+        ta.join(30)
+        assert results.get(a) is True
+        bodies[b].set()
+        tb.join(30)
+    finally:
+        for ev in bodies.values():
+            ev.set()
+        ta.join()
+        tb.join()
+    assert results == {a: True, b: True}  # two "creators": not atomic
+    assert c.get("config") == b  # the newer object stays
+    # Once an object exists, If-None-Match holds: a later creator loses.
+    assert c.put_new("config", b"C") is False
+
+
+@pytest.mark.parametrize("kind", ["swift", "s3"])
+def test_put_new_read_back_turns_a_replaced_writer_into_false(kind, backend, monkeypatch):
+    """On Swift and S3, put_new answers True only if the object it reads back right after
+    its PUT is its own: here another writer's object replaces it in between."""
+    c = backend.open(new_container_name())
+    inner = c.inner
+    real_put = type(inner)._put
+
+    def put_then_replaced(self, name, body, size, *args, **kwargs):
+        real_put(self, name, body, size, *args, **kwargs)
+        if body == b"ours":
+            c.put(name, b"the other writer's")  # lands between our PUT and our read-back
+
+    monkeypatch.setattr(type(inner), "_put", put_then_replaced)
+    assert c.put_new("config", b"ours") is False
+    monkeypatch.undo()
+    assert c.get("config") == b"the other writer's"
+
+
 # ------------------------------------------------------------ configuration ---
 
 
@@ -412,6 +554,163 @@ def test_swift_non_admin_user_denied(kind, saio, tmp_path):
         b.open(name)
 
 
+# --------------------------------------------------------------- a full store ---
+
+
+def _swift_admin(saio) -> swiftclient.Connection:
+    return swiftclient.Connection(
+        authurl=saio.auth_url, user=saio.user, key=saio.key, retries=0
+    )
+
+
+@pytest.mark.parametrize("kind", ["swift", "s3"])
+def test_container_quota_is_store_full(kind, saio, tmp_path):
+    """A real 413 from Swift's container_quotas middleware (s3api turns it into
+    EntityTooLarge): StoreFull at once, not retried, and gone once the quota is lifted."""
+    b = RetryingBackend(
+        make_backend(settings_for(kind, saio, tmp_path)).inner,
+        sleep=lambda d: pytest.fail("a full store must not be retried"),
+    )
+    name = new_container_name()
+    c = b.open(name)
+    c.put("small", b"12345")
+    admin = _swift_admin(saio)  # the S3 bucket is the Swift container of the same account
+    admin.post_container(name, {"X-Container-Meta-Quota-Bytes": "10"})
+    try:
+        with pytest.raises(StoreFull) as ei:
+            c.put("packs/ab/big", b"x" * 100)
+        msg = str(ei.value)
+        assert msg.startswith("the object store is full (")
+        assert f"while writing packs/ab/big in container {name}" in msg, msg
+        assert "Upload exceeds quota" in msg, msg
+        assert ("413" if kind == "swift" else "EntityTooLarge") in msg, msg
+        assert (ei.value.name, ei.value.container) == ("packs/ab/big", name)
+        with pytest.raises(StoreFull):
+            c.put_new("config", b"y" * 100)
+        with tempfile.TemporaryFile() as f:
+            f.write(b"z" * 100)
+            with pytest.raises(StoreFull):
+                c.put_file("manifests/m", f, 100)
+        assert c.head("packs/ab/big") is None and c.head("config") is None
+    finally:
+        admin.post_container(name, {"X-Container-Meta-Quota-Bytes": ""})
+        admin.close()
+    c.put("packs/ab/big", b"x" * 100)
+    assert c.get("packs/ab/big") == b"x" * 100
+
+
+class _CannedStore:
+    """A fake Swift/S3 endpoint that answers every object PUT with one canned error, so
+    swiftclient and botocore raise exactly what they raise for a real one (507s cannot be
+    produced on the test SAIO without filling its disk). Auth, container/bucket HEADs and
+    object HEADs (404) answer enough for a backend to get to the PUT."""
+
+    def __init__(self, status: int, reason: str, body: bytes, content_type: str) -> None:
+        self.answer = (status, reason, body, content_type)
+        store = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a) -> None:
+                pass
+
+            def _reply(self, status, reason="", body=b"", headers=None, ctype="text/plain"):
+                self.send_response(status, reason or None)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:  # tempauth
+                port = self.server.server_address[1]
+                self._reply(200, headers={
+                    "X-Storage-Url": f"http://127.0.0.1:{port}/v1/AUTH_t",
+                    "X-Auth-Token": "tok",
+                })
+
+            def do_HEAD(self) -> None:
+                parts = [p for p in self.path.split("?")[0].split("/") if p]
+                is_object = len(parts) >= (4 if parts[:1] == ["v1"] else 2)
+                self._reply(404 if is_object else 204)
+
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, reason, body, ctype = store.answer
+                self._reply(status, reason, body, ctype=ctype)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _s3_error(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message><RequestId>r</RequestId></Error>").encode()
+
+
+FULL_ANSWERS = [
+    # Swift: the object servers' disks full; an account quota (account_quotas)
+    ("swift", 507, "Insufficient Storage",
+     b"<html><h1>Insufficient Storage</h1><p>There was not enough space to save the "
+     b"resource. Drive: sdb1</p></html>", "text/html", "swift: 507 Insufficient Storage"),
+    ("swift", 413, "Request Entity Too Large", b"Upload exceeds quota.", "text/plain",
+     "swift: 413 Request Entity Too Large: Upload exceeds quota."),
+    # S3: MinIO's full drives and bucket quota, RGW's quota (a 403!), AWS's size limit,
+    # any other 507
+    ("s3", 507, "Insufficient Storage",
+     _s3_error("XMinioStorageFull", "Storage backend has reached its minimum free drive "
+               "threshold. Please delete a few objects to proceed."), "application/xml",
+     "s3: XMinioStorageFull: Storage backend has reached"),
+    ("s3", 400, "Bad Request", _s3_error("XMinioAdminBucketQuotaExceeded",
+                                         "Bucket quota exceeded"), "application/xml",
+     "s3: XMinioAdminBucketQuotaExceeded: Bucket quota exceeded"),
+    ("s3", 403, "Forbidden", _s3_error("QuotaExceeded", ""), "application/xml",
+     "s3: QuotaExceeded"),
+    ("s3", 400, "Bad Request", _s3_error("EntityTooLarge", "Your proposed upload exceeds "
+                                         "the maximum allowed size"), "application/xml",
+     "s3: EntityTooLarge: Your proposed upload exceeds"),
+    ("s3", 507, "Insufficient Storage", b"", "text/plain", "s3: 507"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,status,reason,body,ctype,want", FULL_ANSWERS,
+    ids=["swift-507-disks", "swift-413-quota", "s3-minio-full", "s3-minio-bucket-quota",
+         "s3-rgw-quota-403", "s3-entity-too-large", "s3-507-no-code"],
+)
+def test_full_store_answers_are_store_full(kind, status, reason, body, ctype, want):
+    fake = _CannedStore(status, reason, body, ctype)
+    try:
+        if kind == "swift":
+            inner: Backend = SwiftBackend(f"http://127.0.0.1:{fake.port}/auth/v1.0", "u", "k")
+        else:
+            inner = S3Backend(endpoint_url=f"http://127.0.0.1:{fake.port}",
+                              access_key="a", secret_key="b")
+        b = RetryingBackend(inner, sleep=lambda d: pytest.fail("a full store is not retried"))
+        c = b.open("bucket")
+        for put in (lambda: c.put("packs/ab/p", b"data"),
+                    lambda: c.put_new("packs/ab/p", b"data")):
+            with pytest.raises(StoreFull) as ei:
+                put()
+            msg = str(ei.value)
+            assert msg.startswith(f"the object store is full ({want}"), msg
+            assert msg.endswith(") while writing packs/ab/p in container bucket"), msg
+            assert (ei.value.name, ei.value.container) == ("packs/ab/p", "bucket")
+            assert not isinstance(ei.value, StoreUnavailable | StorePermanentError)
+        b.close()
+    finally:
+        fake.close()
+
+
 # ------------------------------------------------------------------ outages ---
 
 
@@ -506,6 +805,10 @@ class _Flaky(Backend):
             def put_file(self, name, f, size):
                 backend._maybe_fail()
 
+            def put_new(self, name, data):
+                backend._maybe_fail()
+                return name == "new"
+
             def get(self, name, offset=0, length=None):
                 backend._maybe_fail()
                 return b"data"
@@ -562,6 +865,27 @@ def test_retry_covers_stat_and_list_info():
     assert inner.calls == 3
 
 
+def test_retry_covers_put_new():
+    inner = _Flaky(2, StoreUnavailable("503 Service Unavailable"))
+    c = RetryingBackend(inner, attempts=3, sleep=lambda d: None).open("c")
+    assert c.put_new("new", b"1") is True
+    assert inner.calls == 3
+    inner.calls = 0
+    assert c.put_new("taken", b"1") is False  # the inner answer, passed on
+    inner.calls, inner.failures = 0, 100
+    with pytest.raises(StoreUnavailable, match=r"PUT \(if absent\) c/new failed 3 time"):
+        c.put_new("new", b"1")
+
+
+def test_put_new_is_not_implemented_by_default():
+    class Bare(Container):
+        name = "c"
+        put = put_file = get = head = delete = list = list_info = stat = None
+
+    with pytest.raises(NotImplementedError, match="Bare does not implement put_new"):
+        Bare().put_new("config", b"1")
+
+
 def test_retry_gives_up_after_attempts():
     inner = _Flaky(100, StoreUnavailable("connection refused"))
     b = RetryingBackend(inner, attempts=4, sleep=lambda d: None)
@@ -582,7 +906,10 @@ def test_retry_respects_time_budget():
 
 
 @pytest.mark.parametrize(
-    "exc", [StorePermanentError("403 Forbidden"), ObjectNotFound("x", "c")], ids=repr
+    "exc",
+    [StorePermanentError("403 Forbidden"), ObjectNotFound("x", "c"),
+     StoreFull("no space left on device", "x", "c")],
+    ids=repr,
 )
 def test_retry_does_not_retry_permanent_errors(exc):
     inner = _Flaky(1, exc)

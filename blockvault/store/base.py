@@ -15,6 +15,15 @@ Contract of each method (modelled on restic's backend interface):
   ``f``, which holds exactly ``size`` bytes, streamed so that memory does not grow with the
   object (manifests grow with a volume's data). The backend seeks ``f`` to 0 itself, so a
   retried call sends the same bytes.
+- ``put_new(name, data)``: create the object only if no object of that name exists:
+  ``True`` if this call created it, ``False`` if one existed already (nothing of this call
+  is stored then). For objects that must never be silently replaced, such as a container's
+  ``config``. Each backend says how atomic it is against other writers creating the same
+  name at the same moment (local: atomic; Swift and S3 stores without atomic conditional
+  writes: a small window remains, see their ``put_new``), so a caller re-reads the object
+  after a ``True`` as after a ``False``. Through :class:`~blockvault.store.retry.RetryingBackend`
+  a call retried after a lost answer may find the object its own first attempt wrote and
+  answer ``False``: the re-read shows the same bytes either way.
 - ``get(name, offset=0, length=None)``: the object's bytes, or ``length`` bytes from
   ``offset`` (a range read). Raises :class:`ObjectNotFound` if the object does not exist.
   A range past the end returns what exists (possibly ``b""``).
@@ -134,6 +143,15 @@ class Container(abc.ABC):
 
     @abc.abstractmethod
     def put_file(self, name: str, f: BinaryIO, size: int) -> None: ...
+
+    def put_new(self, name: str, data: bytes | memoryview) -> bool:
+        """Create ``name`` holding ``data`` unless an object of that name exists: ``True``
+        if this call created it, ``False`` if not (see the module docstring).
+
+        Not abstract so that wrappers written before it existed still load; a container
+        that cannot create an object conditionally must not fake it with ``head`` then
+        ``put`` behind the caller's back, so the default refuses."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement put_new")
 
     @abc.abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...

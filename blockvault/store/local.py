@@ -1,13 +1,18 @@
 """The embedded default store: each container is a directory, each object a file.
 
 Writes go to a temporary file in the same directory and are renamed into place, so a
-crash never leaves a partial object under its real name.
+crash never leaves a partial object under its real name. ``put_new`` links the temporary
+file into place instead (``link(2)`` fails with EEXIST where ``rename(2)`` would replace),
+which makes it atomic against every other creator of the same name, threads and processes
+alike, on any filesystem with hard links (local ones, and NFS, where a retransmitted LINK
+that answers EEXIST is told apart by comparing inodes; a filesystem without hard links is
+a :class:`StorePermanentError` for ``put_new``).
 
-Durability: ``put`` returns only once the object survives a power loss (the service then
-records the backup ``available``): the file is fsynced before the rename, its directory
-after it, and the parent of every directory created on the way (``packs/ab/``, the
-container's own directory) after creating it. ``delete`` fsyncs the directory too, so a
-deleted object does not come back.
+Durability: ``put`` and ``put_new`` return only once the object survives a power loss (the
+service then records the backup ``available``): the file is fsynced before the rename (or
+link), its directory after it, and the parent of every directory created on the way
+(``packs/ab/``, the container's own directory) after creating it. ``delete`` fsyncs the
+directory too, so a deleted object does not come back.
 
 Every ``OSError`` becomes a store error: :class:`StoreFull` for ENOSPC/EDQUOT/EFBIG,
 :class:`StorePermanentError` for failures a retry will not cure (permissions, read-only
@@ -57,6 +62,8 @@ _PERMANENT_ERRNOS = frozenset({
     errno.ELOOP,
     errno.EINVAL,
 })
+# link(2) on a filesystem without hard links (vfat, some FUSE and SMB mounts)
+_NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
 # Filesystems that cannot fsync a directory (some FUSE and network ones) answer these:
 # there is nothing more to do there to make an entry durable.
 _NO_DIR_FSYNC_ERRNOS = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EBADF})
@@ -129,6 +136,25 @@ class LocalContainer(Container):
         return self._root / name
 
     def put(self, name: str, data: bytes | memoryview) -> None:
+        self._write(name, self._buffer_writer(data), self._rename)
+
+    def put_new(self, name: str, data: bytes | memoryview) -> bool:
+        """Create ``name`` unless it exists, atomically: the new file is linked into place
+        and link(2) fails with EEXIST if the name is taken, however many threads or
+        processes race for it. ``False`` then, and nothing of this call remains. The
+        directory is fsynced in both cases: the object found may be this caller's own from
+        an attempt whose directory fsync failed (a retry), which must not stay volatile."""
+        return self._write(name, self._buffer_writer(data), self._link)
+
+    def put_file(self, name: str, f: BinaryIO, size: int) -> None:
+        def write(fd: int, _tmp: str) -> None:
+            for piece in file_pieces(f, size):
+                _write_all(fd, piece)
+
+        self._write(name, write, self._rename)
+
+    @staticmethod
+    def _buffer_writer(data: bytes | memoryview) -> Callable[[int, str], None]:
         mv = memoryview(data).cast("B")
 
         def write(fd: int, tmp: str) -> None:
@@ -142,19 +168,50 @@ class LocalContainer(Container):
                 if dfd is not None:
                     os.close(dfd)
 
-        self._replace(name, write)
+        return write
 
-    def put_file(self, name: str, f: BinaryIO, size: int) -> None:
-        def write(fd: int, _tmp: str) -> None:
-            for piece in file_pieces(f, size):
-                _write_all(fd, piece)
+    @staticmethod
+    def _rename(tmp: str, path: Path) -> bool:
+        os.replace(tmp, path)
+        return True
 
-        self._replace(name, write)
+    def _link(self, tmp: str, path: Path) -> bool:
+        """Give the temporary file ``tmp`` the name ``path`` unless that name exists, then
+        drop the temporary name. ``True`` if linked."""
+        try:
+            os.link(tmp, path)
+            created = True
+        except FileExistsError:
+            st = os.lstat(path)
+            if not S_ISREG(st.st_mode):
+                # a directory of the layout: not an object, and not one to write (as put)
+                raise IsADirectoryError(
+                    errno.EISDIR, os.strerror(errno.EISDIR), str(path)
+                ) from None
+            # On NFS a LINK retransmitted after its answer was lost answers EEXIST although
+            # the first transmission linked: the name is then our own file.
+            created = os.path.samestat(st, os.lstat(tmp))
+        except OSError as exc:
+            if exc.errno in _NO_LINK_ERRNOS:
+                raise StorePermanentError(
+                    f"local store: cannot create {path.relative_to(self._root)} in "
+                    f"container {self.name}: "
+                    f"the filesystem of {path.parent} does not support hard links, which "
+                    f"creating an object only if absent needs: {_reason(exc)}"
+                ) from exc
+            raise
+        # The object is in place (or someone else's is): a temporary name that cannot be
+        # removed is a stray hard link that listings skip, not a failed write.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return created
 
-    def _replace(self, name: str, write: Callable[[int, str], None]) -> None:
+    def _write(self, name: str, write: Callable[[int, str], None],
+               publish: Callable[[str, Path], bool]) -> bool:
         """Write a temporary file next to the object with ``write(fd, path)``, fsync it,
-        rename it into place and fsync the directory. On any failure the temporary file is
-        removed and nothing is renamed into place."""
+        ``publish(tmp, path)`` it (rename or link; it consumes the temporary name) and fsync
+        the directory; ``publish``'s answer. On any failure before ``publish`` succeeds the
+        temporary file is removed and nothing is in place."""
         path = self._path(name)
         directory = str(path.parent)
         tmp: str | None = None
@@ -167,9 +224,10 @@ class LocalContainer(Container):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.replace(tmp, path)
+                published = publish(tmp, path)
                 tmp = None
                 _fsync_dir(directory)
+                return published
             except BaseException:
                 if tmp is not None:
                     with contextlib.suppress(OSError):

@@ -9,6 +9,12 @@ the store was unreachable. :class:`StorePermanentError`, :class:`StoreFull` and
 contract is idempotent (puts write the same bytes under a content-addressed name; deleting a
 missing object is not an error).
 
+``put_new`` is retried like ``put``, but its answer is not idempotent: an attempt whose
+object was stored but whose answer was lost (a timeout, a reset after the store committed)
+is followed by one that finds that object and answers ``False``, although it was this
+caller's. Acceptable for what put_new is for (a container's ``config``): the caller re-reads
+the object after a ``False`` and finds the bytes it wrote.
+
 ``list`` and ``list_info`` are retried while fetching the first page; once names have been
 handed to the caller a failure propagates (restarting would hand out names twice).
 """
@@ -90,6 +96,12 @@ class RetryingContainer(Container):
 
     def put(self, name: str, data: bytes) -> None:
         self._policy.run(f"PUT {self.name}/{name}", lambda: self.inner.put(name, data))
+
+    def put_new(self, name: str, data: bytes) -> bool:
+        # a retry after a lost answer may see this call's own object: False (module docstring)
+        return self._policy.run(
+            f"PUT (if absent) {self.name}/{name}", lambda: self.inner.put_new(name, data)
+        )
 
     def put_file(self, name: str, f: BinaryIO, size: int) -> None:
         self._policy.run(f"PUT {self.name}/{name}", lambda: self.inner.put_file(name, f, size))

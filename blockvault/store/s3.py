@@ -2,7 +2,13 @@
 
 Only calls every one of those answers are used: HeadBucket, CreateBucket, PutObject,
 GetObject (with ``Range``), HeadObject, DeleteObject, ListObjectsV2. No feature probing
-(Swift's s3api answers unsupported sub-resources with a bucket listing).
+(Swift's s3api answers unsupported sub-resources with a bucket listing). ``put_new`` adds
+``If-None-Match: *`` to PutObject, which AWS S3 applies atomically and Swift's s3api passes
+on to Swift, where it is not atomic against overlapping writers (see
+:meth:`S3Container.put_new`).
+
+A full store is :class:`StoreFull`: the codes of ``_FULL_CODES`` (RGW's and MinIO's
+quotas, MinIO's full disks, an upload too large) and any 507 or 413.
 
 botocore's own retries are reduced to a single attempt: the one
 :class:`~blockvault.store.retry.RetryingBackend` owns retries and their time budget.
@@ -18,6 +24,7 @@ import hashlib
 import ipaddress
 import re
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -31,6 +38,7 @@ from blockvault.store.base import (
     ObjectInfo,
     ObjectNotFound,
     StoreError,
+    StoreFull,
     StorePermanentError,
     StoreUnavailable,
     file_md5,
@@ -71,6 +79,19 @@ _TRANSIENT_CODES = {
     "BadDigest",  # body corrupted in transit: a re-send cures it
     "XAmzContentSHA256Mismatch",
 }
+#: "no room": checked before the access codes, as RGW answers QuotaExceeded with 403
+_FULL_CODES = {
+    "QuotaExceeded",  # Ceph RGW: user or bucket quota (403)
+    "XMinioAdminBucketQuotaExceeded",  # MinIO: bucket quota (400)
+    "XMinioStorageFull",  # MinIO: drives past their free-space threshold (507)
+    "InsufficientStorage",  # 507 under its generic name
+    "EntityTooLarge",  # AWS: above the single-PUT limit; Swift's s3api: a Swift quota (413)
+}
+_FULL_STATUSES = {413, 507}
+
+#: user metadata naming the put_new call that wrote an object (read back to confirm it)
+_CREATE_ID_KEY = "blockvault-create-id"
+
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     bce.EndpointConnectionError,
     bce.ConnectionError,  # ConnectionClosedError, ConnectTimeoutError, ProxyConnectionError
@@ -107,13 +128,17 @@ def _error_code(exc: bce.ClientError) -> tuple[str, int]:
     return str(err.get("Code", "")), int(meta.get("HTTPStatusCode") or 0)
 
 
-def _map_error(exc: BaseException, what: str) -> StoreError:
+def _map_error(exc: BaseException, what: str, name: str = "", container: str = "") -> StoreError:
+    """Translate a botocore exception into the store contract's errors (``name`` and
+    ``container``: what was being written, for :class:`StoreFull`)."""
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, bce.ClientError):
         code, status = _error_code(exc)
         msg = (exc.response.get("Error", {}) or {}).get("Message") or ""
         detail = f"{code or status}{': ' + msg if msg else ''}"
+        if code in _FULL_CODES or status in _FULL_STATUSES:
+            return StoreFull(f"s3: {detail}", name, container)
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return StoreUnavailable(f"s3: {what}: {detail}")
         if code in _AUTH_CODES or status in (401, 403):
@@ -162,7 +187,9 @@ class S3Container(Container):
         try:
             return getattr(self._backend.client, fn)(Bucket=self.name, **kwargs)
         except Exception as exc:
-            raise _map_error(exc, f"{what} (bucket {self.name})") from exc
+            raise _map_error(
+                exc, f"{what} (bucket {self.name})", kwargs.get("Key", ""), self.name
+            ) from exc
 
     @staticmethod
     def _missing(exc: StoreError) -> bool:
@@ -180,7 +207,70 @@ class S3Container(Container):
         # botocore streams a file body (and reads it once more for the SigV4 payload hash)
         self._put(name, f, size, file_md5(f, size))
 
-    def _put(self, name: str, body: bytes | BinaryIO, size: int, md5: Any) -> None:
+    def put_new(self, name: str, data: bytes) -> bool:
+        """HEAD, then PutObject with ``IfNoneMatch="*"``, then HEAD again: ``True`` only if
+        the object carries this call's create id.
+
+        - An object found by the first HEAD: ``False`` without writing. This is also all
+          that protects an existing object on a store that ignores ``If-None-Match`` on PUT
+          (implementations older than S3's conditional writes may): there an object created
+          between our HEAD and our PUT is replaced. Such a store cannot be told apart by its
+          answers short of writing a probe object twice, which this backend does not do.
+        - 412 PreconditionFailed: ``False``; nothing of this call is stored.
+        - 409 ConditionalRequestConflict (AWS: another conditional write of this name was
+          in flight, and ours was refused): HEAD again: an object there is the other
+          writer's, so ``False``; none means the other write did not complete and it is
+          not known who will win, so :class:`StoreUnavailable`, which the retry layer
+          answers with a new attempt (a single one here would only move the question).
+        - Success: the read-back. On AWS S3 (atomic conditional writes, per its
+          documentation; not testable here) it always shows our id unless someone
+          overwrote the object unconditionally in between (``False`` then, rightly: the
+          object is not ours). On Swift's s3api the condition is checked when the PUT
+          starts, not when it commits, exactly as :meth:`SwiftContainer.put_new` explains:
+          not atomic against overlapping writers; the read-back makes most overlaps end
+          with one ``True``, not all (tested against the SAIO). Whatever is stored is
+          always the object of a caller that got ``True``.
+        """
+        data = bytes(data)
+        if self._head(name) is not None:
+            return False
+        create_id = uuid.uuid4().hex
+        try:
+            self._put(
+                name,
+                data,
+                len(data),
+                hashlib.md5(data, usedforsecurity=False),
+                IfNoneMatch="*",
+                Metadata={_CREATE_ID_KEY: create_id},
+            )
+        except StoreError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, bce.ClientError):
+                raise
+            code, status = _error_code(cause)
+            if code == "PreconditionFailed" or status == 412:
+                return False
+            if code == "ConditionalRequestConflict":
+                if self._head(name) is not None:
+                    return False
+                raise StoreUnavailable(
+                    f"s3: PUT {name} (bucket {self.name}): a concurrent conditional write of "
+                    "the same name did not complete"
+                ) from exc
+            raise
+        resp = self._head(name)
+        if resp is None:
+            # deleted at once by someone else: not known created; a retry finds out
+            raise StoreUnavailable(
+                f"s3: PUT {name} (bucket {self.name}): the object was gone right after it "
+                "was created"
+            )
+        return (resp.get("Metadata") or {}).get(_CREATE_ID_KEY) == create_id
+
+    def _put(
+        self, name: str, body: bytes | BinaryIO, size: int, md5: Any, **extra: Any
+    ) -> None:
         resp = self._call(
             f"PUT {name}",
             "put_object",
@@ -189,6 +279,7 @@ class S3Container(Container):
             ContentLength=size,
             ContentMD5=base64.b64encode(md5.digest()).decode("ascii"),
             ContentType="application/octet-stream",
+            **extra,
         )
         etag = (resp.get("ETag") or "").strip('"')
         # an SSE-KMS/SSE-C ETag is not the MD5; those stores verified Content-MD5 already

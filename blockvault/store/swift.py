@@ -8,6 +8,14 @@ swiftclient's own retry loop is switched off (``retries=0``): the one
 :class:`~blockvault.store.retry.RetryingBackend` owns retries and their time budget.
 swiftclient still re-authenticates once on a 401 (an expired token), which is what we want.
 
+``put_new`` sends ``If-None-Match: *``, which Swift checks when the PUT *starts*, not when
+it commits, so it is not atomic against a writer whose PUT overlaps (see
+:meth:`SwiftContainer.put_new`).
+
+A full store is :class:`StoreFull`: 507 Insufficient Storage (the object servers' disks)
+and 413 Request Entity Too Large (the container_quotas/account_quotas middlewares' answer to
+an upload past a quota, or an object above the cluster's max_file_size).
+
 Connections: a bounded pool of ``pool_size`` swiftclient Connections shared by all threads
 (a swiftclient Connection is not safe to use from two threads at once). A Connection that
 saw a transport error is dropped rather than returned. The auth token is shared, so new
@@ -24,6 +32,7 @@ import http.client
 import queue
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -38,6 +47,7 @@ from blockvault.store.base import (
     ObjectInfo,
     ObjectNotFound,
     StoreError,
+    StoreFull,
     StorePermanentError,
     StoreUnavailable,
     file_md5,
@@ -66,18 +76,38 @@ _AUTH_HINTS = (
 
 DEFAULT_TIMEOUT = 60.0
 
+#: 507: no room on the object servers' disks; 413: a container or account quota (or the
+#: cluster's max_file_size) refused the upload
+_FULL_STATUSES = frozenset({413, 507})
+
+#: object metadata naming the put_new call that wrote an object (read back to confirm it)
+_CREATE_ID_HEADER = "X-Object-Meta-Blockvault-Create-Id"
+
 
 def _md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _map_error(exc: BaseException, what: str) -> StoreError:
-    """Translate a swiftclient/transport exception into the store contract's errors."""
+def _response_text(exc: ClientException) -> str:
+    """The short plain-text body of an error answer (``Upload exceeds quota.``), or ``""``
+    (HTML pages and long bodies say nothing the status does not)."""
+    body = exc.http_response_content or b""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    text = " ".join(text.split())
+    return text if text and len(text) <= 200 and "<" not in text else ""
+
+
+def _map_error(exc: BaseException, what: str, name: str = "", container: str = "") -> StoreError:
+    """Translate a swiftclient/transport exception into the store contract's errors
+    (``name`` and ``container``: what was being written, for :class:`StoreFull`)."""
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, ClientException):
         status = exc.http_status
         reason = f"{status} {exc.http_reason}".strip() if status else str(exc.msg).strip()
+        if status in _FULL_STATUSES:
+            text = _response_text(exc)
+            return StoreFull(f"swift: {reason}{': ' + text if text else ''}", name, container)
         if status is None:
             low = str(exc.msg).lower()
             if any(h in low for h in _AUTH_HINTS):
@@ -203,7 +233,56 @@ class SwiftContainer(Container):
         # swiftclient sends a file body in 64 KiB pieces
         self._put(name, f, size, file_md5(f, size).hexdigest())
 
-    def _put(self, name: str, body: bytes | BinaryIO, size: int, want: str) -> None:
+    def put_new(self, name: str, data: bytes) -> bool:
+        """PUT with ``If-None-Match: *`` (412 if the object exists: ``False``), then read
+        the object back (HEAD with ``X-Newest``) and answer ``True`` only if it carries this
+        call's create id.
+
+        **Not atomic against overlapping writers.** The object server checks
+        ``If-None-Match`` when a PUT starts and commits later without checking again; of
+        the objects written, the one with the newest timestamp (given by the proxy when the
+        PUT arrived) stays. So two PUTs that both start before either commits both succeed.
+        The read-back turns most such overlaps into one ``True``: a writer whose object was
+        replaced by a newer one before it looked answers ``False`` (as does one whose older
+        object was discarded). What remains: a writer B whose PUT started before writer A's
+        committed, has a newer timestamp and commits only after A read back -- A and B both
+        answer ``True``, and B's bytes stay (tests/test_store_backends.py shows it with
+        stalled uploads). Whatever is stored is always the object of a caller that got
+        ``True``. A caller that must agree with the others re-reads the object after using
+        it, or creates it where no other writer can start at the same moment.
+        """
+        data = bytes(data)
+        create_id = uuid.uuid4().hex
+        try:
+            self._put(
+                name,
+                data,
+                len(data),
+                _md5_hex(data),
+                {"If-None-Match": "*", _CREATE_ID_HEADER: create_id},
+            )
+        except _PreconditionFailed:
+            return False
+        try:
+            hdrs = self._call(
+                f"HEAD object {name} in", "head_object", name, headers={"X-Newest": "true"}
+            )
+        except _NotFound:
+            # deleted at once by someone else: not known created; a retry finds out
+            raise StoreUnavailable(
+                f"swift: PUT {name} in {self.name}: the object was gone right after it was "
+                "created"
+            ) from None
+        return hdrs.get(_CREATE_ID_HEADER.lower()) == create_id
+
+    def _put(
+        self,
+        name: str,
+        body: bytes | BinaryIO,
+        size: int,
+        want: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         # etag= makes the proxy verify the body too (422 on mismatch)
         try:
             got = self._call(
@@ -214,6 +293,7 @@ class SwiftContainer(Container):
                 content_length=size,
                 etag=want,
                 content_type="application/octet-stream",
+                headers=headers,
             )
         except StorePermanentError as exc:
             if "422" in str(exc):
@@ -304,6 +384,19 @@ class _RangeNotSatisfiable(Exception):
     pass
 
 
+class _PreconditionFailed(Exception):
+    """412: a conditional request's condition (``If-None-Match: *``) did not hold."""
+
+
+def _target(fn: str, args: tuple[Any, ...]) -> tuple[str, str]:
+    """(object, container) a swiftclient call ``fn(*args)`` addresses, for error messages."""
+    if fn.endswith("_object") and len(args) >= 2:
+        return str(args[1]), str(args[0])
+    if fn.endswith("_container") and args:
+        return "", str(args[0])
+    return "", ""
+
+
 class SwiftBackend(Backend):
     kind = "swift"
 
@@ -368,11 +461,13 @@ class SwiftBackend(Backend):
                 raise _NotFound(what) from None
             if exc.http_status == 416:
                 raise _RangeNotSatisfiable(what) from None
-            raise _map_error(exc, what) from None
+            if exc.http_status == 412:
+                raise _PreconditionFailed(what) from None
+            raise _map_error(exc, what, *_target(fn, args)) from None
         except StoreError:
             raise
         except Exception as exc:
-            raise _map_error(exc, what) from exc
+            raise _map_error(exc, what, *_target(fn, args)) from exc
 
     def validate_container_name(self, container: str) -> str | None:
         if not container:
