@@ -85,6 +85,11 @@ class LaggingContainer(Container):
     def put_file(self, name: str, f: BinaryIO, size: int) -> None:
         self._writing(name, lambda: self.inner.put_file(name, f, size))
 
+    def put_new(self, name: str, data: bytes | memoryview) -> bool:
+        created: list[bool] = []
+        self._writing(name, lambda: created.append(self.inner.put_new(name, data)))
+        return created[0]
+
     def delete(self, name: str) -> None:
         info = self.inner.stat(name)
         rec = self._record

@@ -839,3 +839,35 @@ def test_zstd_stored_block_is_found_exactly() -> None:
     summed = zstandard.ZstdCompressor(level=1, write_checksum=True)
     assert _zstd_stored_block(summed.compress(random.Random(2).randbytes(BS)), BS) is None
     assert _zstd_stored_block(None, BS) is None
+
+
+def test_two_deployments_creating_one_container_at_once(tmp_path: Path) -> None:
+    """Two engines with different keys race to create a container: one config wins, the
+    other engine refuses the container (KeyMismatch) and writes no backup there."""
+    store = LocalBackend(tmp_path / "store")
+    src = make_volume(tmp_path / "vol", size=4 * MiB)
+    engines = [Engine(store, tmp_path / f"cache{i}",
+                      EngineConfig(encryption_key=bytes([i + 1]) * 32)) for i in range(2)]
+    barrier = threading.Barrier(2)
+    outcome: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcome[i] = engines[i].backup(container="c", backup_id=f"b{i}", source=src,
+                                           size=4 * MiB)
+        except KeyMismatch as e:
+            outcome[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = [i for i in range(2) if not isinstance(outcome[i], KeyMismatch)]
+    assert len(won) == 1, outcome
+    (w,) = won
+    dst = new_target(tmp_path / "out")
+    engines[w].restore(container="c", backup_id=f"b{w}", target=dst, target_is_new=True)
+    assert sha256_of(dst) == sha256_of(src)
+    assert not engines[w].has_backup(container="c", backup_id=f"b{1 - w}")

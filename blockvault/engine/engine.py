@@ -70,7 +70,10 @@ class Engine:
                 if c.head(CONFIG_NAME) is None:
                     cfg = self.config
                     doc = make_config(cfg.block_size, cfg.compression, cfg.encryption_key)
-                    c.put(CONFIG_NAME, json.dumps(doc, indent=2).encode())
+                    # Two deployments may create the container at once: only one config
+                    # may win (with another key, the loser's backups would be unreadable),
+                    # and both go on with the winner's, read back below.
+                    c.put_new(CONFIG_NAME, json.dumps(doc, indent=2).encode())
                 data = c.get(CONFIG_NAME)
         parsed = parse_config(container, data, self.config.encryption_key)
         if create and parsed.raw.get("version") != CONFIG_VERSION:
