@@ -3,6 +3,8 @@ fresh deployment (empty database) pointed at the same object store and restore b
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import time
 import uuid
@@ -74,7 +76,11 @@ def test_recover_command_reimports_a_lost_database(tmp_path):
         renamed = next(iter(backups))
         v39 = old.client("alice", "p1", version="3.9")
         assert v39.put(f"/backups/{renamed}", {"backup": {"name": "renamed"}}).status_code == 200
-        record = tmp_path / "store" / "volumebackups" / "records" / renamed
+        # the record is named by the backup's storage id (its service_metadata)
+        admin_old = old.client("admin", "admin")
+        rec = admin_old.get(f"/backups/{renamed}/export_record").json()["backup-record"]
+        sid = json.loads(base64.b64decode(rec["backup_url"]))["service_metadata"]
+        record = tmp_path / "store" / "volumebackups" / "records" / sid
         deadline = time.monotonic() + 30  # the record in the store follows the rename
         while b'"renamed"' not in record.read_bytes():
             assert time.monotonic() < deadline
@@ -99,6 +105,8 @@ def test_recover_command_reimports_a_lost_database(tmp_path):
             [sys.executable, "-m", "blockvault.cli", "recover", "--data-dir",
              str(tmp_path / "new"), "--url", new.url, "--token", "admin:admin"],
             env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-        assert "0 imported, 2 skipped" in again.stderr
+        # the store holds both backups' records from the old deployment and the records of
+        # the copies this one imported (each import owns its data): all known, all skipped
+        assert "0 imported, 4 skipped" in again.stderr
     finally:
         new.stop()
