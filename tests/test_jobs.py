@@ -503,3 +503,29 @@ def test_a_parent_cannot_be_deleted_under_a_new_incremental(tmp_path, pg_url):
     finally:
         a.stop()
         b.stop()
+
+
+# -- garbage collection is owed, not skipped ----------------------------------------------------
+
+
+def test_a_cancelled_backup_s_packs_are_collected(tmp_path):
+    """A backup force-deleted while it runs leaves packs nobody references; the container
+    is owed a collection and the maintenance timer collects it (condemned, then swept a
+    grace period later) without anything else happening."""
+    env = {"BLOCKVAULT_GC_GRACE": "10", "BLOCKVAULT_STORE_LAG": "1",
+           "BLOCKVAULT_MAINTENANCE_INTERVAL": "0.5"}
+    srv = Server(tmp_path / "bv", env).start()
+    try:
+        api, admin = srv.client("alice", "p1"), srv.client("admin", "admin")
+        vol = _busy_volume(api, 256)
+        backup = api.create_backup(vol, wait=False)
+        packs_dir = tmp_path / "bv" / "store" / "volumebackups"
+        _wait(lambda: list(packs_dir.rglob("packs/*/*")), 60, "the backup to upload packs")
+        r = admin.post(f"/backups/{backup}/action", {"os-force_delete": {}})
+        assert r.status_code == 202, r.text
+        api.wait("backup", backup, {"deleted"}, timeout=60)
+        assert api.get(f"/volumes/{vol}").json()["volume"]["status"] == "available"
+        _wait(lambda: not list(packs_dir.rglob("packs/*/*")), 90, "the packs to be collected")
+        assert list(packs_dir.rglob("manifests/*")) == []
+    finally:
+        srv.stop()

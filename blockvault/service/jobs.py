@@ -197,7 +197,9 @@ class JobRunner:
         self.lease = float(lease_seconds)
         self.poll_seconds = poll_seconds
         self.name = name
-        self.owner, self._identity_fd = stable_identity(data_dir)
+        self.data_dir = data_dir
+        # The stable identity is taken (and its slot locked) at start.
+        self.owner, self._identity_fd = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}", None
         self._wake = threading.Condition()
         self.stopping = threading.Event()
         self.write = DurableWriter(db, self.stopping)
@@ -211,6 +213,8 @@ class JobRunner:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.data_dir is not None:
+            self.owner, self._identity_fd = stable_identity(self.data_dir)
         self._register()
         self.recover_own()
         self.recover_quietly()
