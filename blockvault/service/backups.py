@@ -242,6 +242,10 @@ class BackupService:
             if reason:
                 raise invalid_input(f"Container name {container} is not valid: {reason}")
         with self.db.session() as s:
+            if incremental:
+                # Parent candidates first, then the volume: the order a restore locks them
+                # in (backup, then volume), so the two never deadlock.
+                self._parent_candidates(s, ctx, volume_id)
             vol = visible_volume(s, ctx, volume_id, lock=True)
             snap = None
             if snapshot_id:
@@ -306,11 +310,11 @@ class BackupService:
         return backup
 
     @staticmethod
-    def _choose_parent(s: Session, ctx: RequestContext, volume_id: str, snap: Any) -> str:
+    def _parent_candidates(s: Session, ctx: RequestContext, volume_id: str) -> list[Backup]:
         # Locked (SELECT ... FOR UPDATE): a concurrent delete of the parent, which locks
         # the same row and then looks for children, either commits first (the parent is no
         # longer 'available' here) or waits and then sees this new child and refuses.
-        candidates = list(
+        return list(
             s.scalars(
                 select(Backup).where(
                     Backup.volume_id == volume_id,
@@ -319,6 +323,10 @@ class BackupService:
                 ).with_for_update()
             )
         )
+
+    @classmethod
+    def _choose_parent(cls, s: Session, ctx: RequestContext, volume_id: str, snap: Any) -> str:
+        candidates = cls._parent_candidates(s, ctx, volume_id)
         usable = [
             b
             for b in candidates
