@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from blockvault.db.models import Job, Runner, db_now
@@ -91,6 +93,14 @@ class Stopping(Exception):
     with this runner's identity and is taken back at the next start."""
 
 
+def db_unavailable(exc: BaseException) -> bool:
+    """A failure of the DB (full, read-only, unreachable, failing over), which a retry
+    may cure, as opposed to a bug or a constraint, which it never will."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
 class DurableWriter:
     """Runs a transaction until it commits: retried with backoff while the DB refuses
     writes (a full disk, a read-only file, a failover), so a job's outcome is recorded once
@@ -111,6 +121,8 @@ class DurableWriter:
                 with self.db.session() as s:
                     result = fn(s)
             except Exception as exc:
+                if not db_unavailable(exc):
+                    raise
                 failures += 1
                 with self._mu:
                     if self.failing_since is None:
