@@ -164,10 +164,12 @@ def test_long_running_backup_keeps_its_packs_by_publishing_them(tmp_path: Path) 
         return False
 
     stop = threading.Event()
+    published: set[str] = set()
 
     def collector() -> None:
         while not stop.is_set():
             eng.collect_garbage(container="c")
+            published.update(p.name for p in (root / "c" / "gc" / "refs").glob("*"))
             time.sleep(0.05)
 
     t = threading.Thread(target=collector)
@@ -179,6 +181,8 @@ def test_long_running_backup_keeps_its_packs_by_publishing_them(tmp_path: Path) 
         stop.set()
         t.join()
     assert res.reused_blocks > 0
+    assert published  # it did publish reference lists...
+    assert not list((root / "c" / "gc" / "refs").glob("*"))  # ...and removed them
     assert restored(eng, "new", tmp_path / "o") == sha(src)
     assert eng.verify(container="c").ok
 

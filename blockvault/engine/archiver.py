@@ -164,7 +164,7 @@ class BackupRun:
         # collections honour lists younger than gc_grace, seen up to store_lag late.
         # ``max_gap`` is the longest time the run went without publishing, from the index
         # sync (``started``) to its manifest: the engine's check at the end relies on it.
-        self._refs_every = max(0.5, (engine.config.gc_grace - 2 * engine.config.store_lag) / 4)
+        self._refs_every = (engine.config.gc_grace - 2 * engine.config.store_lag) / 4
         self._refs_at = time.monotonic() if started is None else started
         self.max_gap = 0.0
         ec = engine.config

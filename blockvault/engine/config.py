@@ -29,7 +29,7 @@ class EngineConfig:
     # deleted by a collection at least ``gc_grace`` seconds later if still unreferenced.
     # ``store_lag`` bounds how long the store's listings and reads may lag behind its
     # writes (and how far apart its servers' clocks may be); Swift's listings are
-    # eventually consistent. Safety needs gc_grace >= 2 * store_lag.
+    # eventually consistent. Safety needs gc_grace > 2 * store_lag.
     gc_grace: float = 3600.0
     store_lag: float = 300.0
     # 32 bytes -> encryption on for NEW containers; required to read encrypted ones
@@ -46,8 +46,8 @@ class EngineConfig:
                 f"compression must be 'zstd', 'lz4' or 'none', not {self.compression!r}")
         if self.workers < 0 or self.upload_concurrency < 1:
             raise ValueError("workers must be >= 0 and upload_concurrency >= 1")
-        if self.store_lag < 0 or self.gc_grace < 2 * self.store_lag:
-            raise ValueError("gc_grace must be at least twice store_lag (docs/format.md)")
+        if self.store_lag < 0 or self.gc_grace <= 2 * self.store_lag:
+            raise ValueError("gc_grace must be more than twice store_lag (docs/format.md)")
         if self.encryption_key is not None and len(self.encryption_key) != 32:
             raise ValueError("encryption_key must be exactly 32 bytes")
 

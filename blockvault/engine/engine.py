@@ -251,7 +251,7 @@ class Engine:
             index.close()
             writer.close()
             for run in runs:  # the manifest (or the failure) has made them moot
-                for name in run.refs_objects:
+                for name, _published in run.refs_objects:
                     try:
                         c.delete(name)
                     except StoreError as e:  # expires by itself (gc_grace)

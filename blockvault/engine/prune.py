@@ -113,6 +113,10 @@ def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
                 if info is not None and info.mtime <= mark.time:
                     c.delete(obj)
 
+        for info in c.list_info("clock/"):  # probes of processes killed mid-probe
+            if now - info.mtime >= grace:
+                c.delete(info.name)
+
         fresh = []
         for info in c.list_info("packs/"):
             try:
