@@ -179,7 +179,11 @@ class Run:
 def test_kill_9_twenty_times(tmp_path):
     seed = int(os.environ.get("BLOCKVAULT_CRASH_SEED") or random.SystemRandom().randrange(2**32))
     rng = random.Random(seed)
-    srv = Server(tmp_path / "bv").start()
+    # Garbage collection runs all along (a short grace period), so that kills also land
+    # in collections and in backups racing them.
+    env = {"BLOCKVAULT_GC_GRACE": "6", "BLOCKVAULT_STORE_LAG": "1",
+           "BLOCKVAULT_MAINTENANCE_INTERVAL": "0.5"}
+    srv = Server(tmp_path / "bv", env).start()
     started = time.monotonic()
     try:
         run = Run(srv, rng)
