@@ -529,3 +529,35 @@ def test_a_cancelled_backup_s_packs_are_collected(tmp_path):
         assert list(packs_dir.rglob("manifests/*")) == []
     finally:
         srv.stop()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_health_names_a_dead_worker_pool(tmp_path):
+    """No worker thread alive: 503 with the problem named (and an ERROR logged); the
+    maintenance timer starts new workers and the check is 200 again."""
+    from starlette.testclient import TestClient
+
+    from blockvault.server import create_app
+
+    settings = load_settings(data_dir=tmp_path / "d", backup_workers=2,
+                             maintenance_interval=3600)
+    services = Services(settings)
+    services.start()
+    try:
+        client = TestClient(create_app(services, manage_lifecycle=False))
+        assert client.get("/healthcheck").status_code == 200
+        dead = threading.Thread(target=lambda: None)
+        dead.start()
+        dead.join()
+        alive = services.runner._workers
+        services.runner._workers = [dead, dead]  # as if both workers had died
+        r = client.get("/healthcheck")
+        assert r.status_code == 503
+        assert r.json()["problems"] == ["no worker thread is alive"]
+        assert r.json()["workers_alive"] == 0
+        services.runner.maintain_once()  # what the maintenance timer does
+        assert client.get("/healthcheck").status_code == 200
+        assert services.runner.alive_workers() == 2
+        services.runner._workers += alive  # let stop() join the originals too
+    finally:
+        services.stop()

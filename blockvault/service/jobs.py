@@ -493,16 +493,23 @@ class JobRunner:
 
     def _maintain(self) -> None:
         while not self.stopping.wait(self.maintenance_interval):
-            for i, t in enumerate(self._workers):
-                if t is not None and not t.is_alive() and not self.stopping.is_set():
-                    log.error("worker thread %s died; starting a new one", t.name)
-                    self._start_worker(i)
-            for task in self.maintenance:
-                if self.stopping.is_set():
-                    return
-                try:
-                    task()
-                except Exception:
-                    log.exception("maintenance task failed")
-            if self._started and self.alive_workers() == 0:
-                log.error("no job worker thread is alive: no backup, restore or delete runs")
+            try:
+                self.maintain_once()
+            except Exception:
+                log.exception("maintenance failed")
+
+    def maintain_once(self) -> None:
+        """Restart dead workers, then run the maintenance tasks (owed collections)."""
+        for i, t in enumerate(self._workers):
+            if t is not None and not t.is_alive() and not self.stopping.is_set():
+                log.error("worker thread %s died; starting a new one", t.name)
+                self._start_worker(i)
+        if self._started and self.alive_workers() == 0:
+            log.error("no job worker thread is alive: no backup, restore or delete runs")
+        for task in self.maintenance:
+            if self.stopping.is_set():
+                return
+            try:
+                task()
+            except Exception:
+                log.exception("maintenance task failed")
