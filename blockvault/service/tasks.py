@@ -242,6 +242,7 @@ class Tasks:
                     if backup.snapshot_id
                     else self.driver.volume_path(backup.volume_id)
                 )
+                dependent_of = backup.parent_id
                 parent = s.get(Backup, backup.parent_id) if backup.parent_id else None
                 parent_id = parent_sid = None
                 if parent is not None and parent.container == container and not parent.deleted:
@@ -292,10 +293,10 @@ class Tasks:
                 object_count=result.object_count, stored_bytes=result.stored_bytes,
                 size=volume_size, fail_reason=None,
             )
-            if ok and parent_id:
+            if ok and dependent_of:
                 s.execute(
                     update(Backup)
-                    .where(Backup.id == parent_id)
+                    .where(Backup.id == dependent_of)
                     .values(num_dependent_backups=Backup.num_dependent_backups + 1)
                 )
             self._release_source(s, job)
