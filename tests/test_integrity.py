@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.conftest import FAST_GC
 from tests.server import Server
 
 MiB = 1024 * 1024
@@ -14,7 +15,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("bv")).start()
+    srv = Server(tmp_path_factory.mktemp("bv"), FAST_GC).start()
     yield srv
     srv.stop()
 
@@ -135,7 +136,8 @@ def test_delete_during_running_backup_then_everything_is_freed(server, alice):
     assert alice.volume_sha256(alice.restore(b2)) == h2
     assert alice.delete(f"/backups/{b2}").status_code == 202
     alice.wait("backup", b2, {"deleted"})
-    deadline = time.monotonic() + 10
+    # condemned once a grace period old, deleted a grace period later (docs/format.md)
+    deadline = time.monotonic() + 60
     while set(_packs(server)) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert set(_packs(server)) - before == set()
