@@ -222,7 +222,8 @@ class Engine:
                 if progress is not None:
                     progress(0, size, "index")
                 started = time.monotonic()
-                bad |= index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled)
+                bad |= index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled,
+                                  self.config.store_lag)
                 run = BackupRun(self, c, container, cfg, index, writer, cancelled, bad,
                                 started)
                 runs.append(run)
@@ -236,7 +237,8 @@ class Engine:
                 log.warning("backup %s: %s; backing it up again", backup_id,
                             "paused too long to check its data against garbage collection"
                             if lost is None else
-                            f"{len(lost)} packs it references are condemned or missing")
+                            f"packs it references are condemned or missing: "
+                            f"{', '.join(sorted(p.hex()[:12] for p in lost))}")
                 prune.discard(c, backup_id)
                 bad |= lost or frozenset()
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     PRIMARY KEY (id, pack)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_pack ON blobs (pack);
 CREATE TABLE IF NOT EXISTS condemned (name BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uploaded (name BLOB PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -101,6 +103,7 @@ class Index:
                  json.dumps([[off, ln, codec] for _bid, off, ln, codec in entries])),
             )
             db.execute("INSERT OR IGNORE INTO packs (name) VALUES (?)", (name,))
+            db.execute("INSERT OR REPLACE INTO uploaded VALUES (?, ?)", (name, time.time()))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -118,9 +121,15 @@ class Index:
         return out
 
     def sync(self, c: Container, crypto: Crypto, concurrency: int,
-             cancelled: Callable[[], bool] | None = None) -> frozenset[bytes]:
+             cancelled: Callable[[], bool] | None = None,
+             lag: float = 0.0) -> frozenset[bytes]:
         """Bring the cache up to the store's listing and condemnations. Returns the packs
-        known to be unusable: condemned, or cached before and gone from the store now."""
+        known to be unusable: condemned, or cached before and gone from the store now.
+
+        A pack uploaded through this cache less than ``lag`` seconds ago may be missing from
+        the listing (Swift's lag behind writes): it is kept, not taken for gone. No
+        collection can have deleted it (collections leave packs younger than their grace
+        period alone); a pack the store lost is dropped by a later sync."""
         db = self.db
         condemned = frozenset().union(*(m.packs for m in read_marks(c, crypto)))
         db.execute("BEGIN IMMEDIATE")
@@ -152,8 +161,10 @@ class Index:
             db.execute("ROLLBACK")
             raise
 
+        db.execute("DELETE FROM uploaded WHERE at < ?", (time.time() - lag,))
         gone = [r[0] for r in db.execute(
             "SELECT name FROM packs WHERE name NOT IN (SELECT name FROM listed) "
+            "AND name NOT IN (SELECT name FROM uploaded) "
             "OR name IN (SELECT name FROM condemned)")]
         if gone:
             db.execute("BEGIN IMMEDIATE")
