@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from blockvault.engine import DataError, Engine, EngineConfig
+from blockvault.engine import DataError, Engine, EngineConfig, archiver
 from blockvault.store import Container, StoreError
 from blockvault.store.local import LocalBackend
 from tests.faults import LaggingBackend
@@ -64,7 +64,8 @@ def drain(engine: Engine, container: str = "c", rounds: int = 12) -> None:
 
 class Pause:
     """A ``cancelled`` callback that stops the backup's calling thread at its ``at``-th
-    poll until released: a process paused (SIGSTOP, a VM migration) mid-backup."""
+    poll until released; with ``whole_process`` (see ``stop_publishing``) its reference
+    lists stop too: a process paused (SIGSTOP, a VM migration) mid-backup."""
 
     def __init__(self, at: int = 3) -> None:
         self.at, self.calls = at, 0
@@ -76,6 +77,17 @@ class Pause:
             self.paused.set()
             assert self.go.wait(60)
         return False
+
+    def stop_publishing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Hold the backup's reference-list thread while paused, as SIGSTOP would."""
+        real = archiver.write_refs
+
+        def write_refs(*args):
+            if self.paused.is_set():
+                assert self.go.wait(60)
+            return real(*args)
+
+        monkeypatch.setattr(archiver, "write_refs", write_refs)
 
 
 def in_thread(fn) -> tuple[threading.Thread, list]:
@@ -110,7 +122,8 @@ def test_collection_right_after_a_backup_with_lagging_listings(tmp_path: Path) -
     assert eng.verify(container="c").ok
 
 
-def _paused_backup_over_condemned_packs(tmp_path: Path, pause_for: float) -> None:
+def _paused_backup_over_condemned_packs(tmp_path: Path, pause_for: float,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "store"
     eng = engine_on(LocalBackend(root), tmp_path / "cache")
     src = volume(tmp_path / "v", size=8 * MiB)
@@ -118,6 +131,7 @@ def _paused_backup_over_condemned_packs(tmp_path: Path, pause_for: float) -> Non
     eng.backup(container="c", backup_id="old", source=src, size=size)
     time.sleep(GRACE + 0.1)  # file mtimes are coarse: a margin
     pause = Pause()
+    pause.stop_publishing(monkeypatch)
     t, out = in_thread(lambda: eng.backup(container="c", backup_id="new", source=src,
                                           size=size, cancelled=pause))
     assert pause.paused.wait(30)  # "new" has synced its index and references old packs
@@ -133,15 +147,43 @@ def _paused_backup_over_condemned_packs(tmp_path: Path, pause_for: float) -> Non
     assert eng.verify(container="c", backup_id="new").ok
 
 
-def test_backup_paused_while_its_packs_are_condemned_and_swept(tmp_path: Path) -> None:
+def test_backup_paused_while_its_packs_are_condemned_and_swept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Paused past the sweep but not past the marks: the end check finds the marks."""
-    _paused_backup_over_condemned_packs(tmp_path, pause_for=1.5 * GRACE)
+    _paused_backup_over_condemned_packs(tmp_path, 1.5 * GRACE, monkeypatch)
 
 
-def test_backup_paused_past_every_grace_period(tmp_path: Path) -> None:
+def test_backup_paused_past_every_grace_period(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Paused so long that the marks are gone too: the backup cannot tell and starts over
     from a fresh index, never reporting success over deleted packs."""
-    _paused_backup_over_condemned_packs(tmp_path, pause_for=2 * GRACE + 1.0)
+    _paused_backup_over_condemned_packs(tmp_path, 2 * GRACE + 1.0, monkeypatch)
+
+
+def test_backup_whose_thread_stalls_keeps_its_packs_by_its_lists(tmp_path: Path) -> None:
+    """Only the backup's main thread stalls (a slow disk, a loaded host): its reference
+    lists keep coming, so collections leave its packs alone and one pass suffices."""
+    root = tmp_path / "store"
+    eng = engine_on(LocalBackend(root), tmp_path / "cache")
+    src = volume(tmp_path / "v", size=8 * MiB)
+    size = src.stat().st_size
+    eng.backup(container="c", backup_id="old", source=src, size=size)
+    time.sleep(GRACE + 0.1)  # file mtimes are coarse: a margin
+    pause = Pause()
+    t, out = in_thread(lambda: eng.backup(container="c", backup_id="new", source=src,
+                                          size=size, cancelled=pause))
+    assert pause.paused.wait(30)
+    time.sleep(3 * (GRACE - 2 * LAG) / 4)  # a reference list is out and visible
+    eng.delete(container="c", backup_id="old")
+    deadline = time.monotonic() + 2 * GRACE + 1.0
+    while time.monotonic() < deadline:
+        eng.collect_garbage(container="c")
+        time.sleep(GRACE / 4)
+    pause.go.set()
+    t.join(60)
+    assert out and not isinstance(out[0], BaseException), out
+    assert out[0].new_blocks == 0  # nothing was read again: its packs were never lost
+    assert restored(eng, "new", tmp_path / "o") == sha(src)
 
 
 def test_long_running_backup_keeps_its_packs_by_publishing_them(tmp_path: Path) -> None:

@@ -497,13 +497,23 @@ class BackupRun:
         if start * ENTRY_SIZE < len(data):
             yield raw[start * ENTRY_SIZE :]
 
+    def _publisher(self, stop: threading.Event) -> None:
+        """Publish reference lists on a timer of its own thread, so that a run that is only
+        slow (a loaded host, a slow store) stays protected; a process that stops altogether
+        (SIGSTOP, a frozen VM) misses its turns, and ``max_gap`` shows it."""
+        while not stop.wait(max(0.0, self._refs_every - (time.monotonic() - self._refs_at))):
+            try:
+                self._publish_refs()
+            except Exception as e:  # the gap grows, and the engine's end check sees it
+                log.warning("could not publish a reference list in %s: %s", self.container, e)
+
     def _publish_refs(self) -> None:
         """Publish the packs this run references but no manifest names yet, so a garbage
         collection leaves them alone however long the run takes (docs/format.md)."""
         now = time.monotonic()
-        if now - self._refs_at < self._refs_every:
-            return
         with self.index_mu:
+            # Copies made in C with the GIL held: the calling thread adds to ``used`` and
+            # upload threads to ``pack_names`` meanwhile.
             packs = self.used.union(self.pack_names.values())
         self.refs_objects.append((write_refs(self.c, self.crypto, packs), now))
         self._gap_ends()
@@ -591,6 +601,8 @@ class BackupRun:
         self._free_bufs: queue.SimpleQueue[AlignedBuffer] = queue.SimpleQueue()
         for _ in range(self.engine.workers + _READERS):
             self._free_bufs.put(AlignedBuffer(READ_CHUNK))
+        stop_publishing = threading.Event()
+        publishing: threading.Thread | None = None
         try:
             readable = min(size, volume_length(fd))
             def read(a: int, b: int) -> None:
@@ -600,9 +612,11 @@ class BackupRun:
                 done = readers.submit(self._read, rb, fd, a, b, readable)
                 self._queue(pool.submit(self._process, done, rb, a, b, parent))
 
+            publishing = threading.Thread(target=self._publisher, args=(stop_publishing,),
+                                          name="bv-refs", daemon=True)
+            publishing.start()
             for kind, a, b in self._work(fd, readable, nblocks, ranges):
                 self._check_cancel()
-                self._publish_refs()
                 if kind == "read":
                     read(a, b)
                     report(a)
@@ -619,6 +633,8 @@ class BackupRun:
             self._reap_uploads(block=True)
             self._check_cancel()
             self.stored_bytes += self._write_manifest(backup_id, size, parent_id)
+            stop_publishing.set()
+            publishing.join()
             self._gap_ends()
             report(size, force=True)
             return BackupResult(
@@ -627,6 +643,9 @@ class BackupRun:
                 reused_blocks=self.reused_blocks,
                 zero_blocks=nblocks - self.nonzero_blocks)
         finally:
+            stop_publishing.set()
+            if publishing is not None:  # its lists are removed by the caller
+                publishing.join()
             readers.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
             self.upload_pool.shutdown(wait=True, cancel_futures=True)
