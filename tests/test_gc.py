@@ -123,7 +123,10 @@ def test_collection_right_after_a_backup_with_lagging_listings(tmp_path: Path) -
 
 
 def _paused_backup_over_condemned_packs(tmp_path: Path, pause_for: float,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                        monkeypatch: pytest.MonkeyPatch | None = None):
+    """Back up a volume whose blocks an old backup holds, pause it, delete the old backup
+    and collect for ``pause_for`` seconds, resume; the backup's result. With
+    ``monkeypatch`` the whole process pauses, reference lists included."""
     root = tmp_path / "store"
     eng = engine_on(LocalBackend(root), tmp_path / "cache")
     src = volume(tmp_path / "v", size=8 * MiB)
@@ -131,10 +134,12 @@ def _paused_backup_over_condemned_packs(tmp_path: Path, pause_for: float,
     eng.backup(container="c", backup_id="old", source=src, size=size)
     time.sleep(GRACE + 0.1)  # file mtimes are coarse: a margin
     pause = Pause()
-    pause.stop_publishing(monkeypatch)
+    if monkeypatch is not None:
+        pause.stop_publishing(monkeypatch)
     t, out = in_thread(lambda: eng.backup(container="c", backup_id="new", source=src,
                                           size=size, cancelled=pause))
     assert pause.paused.wait(30)  # "new" has synced its index and references old packs
+    time.sleep((GRACE - 2 * LAG) / 2)  # a reference list is out (unless paused too)
     eng.delete(container="c", backup_id="old")  # condemns them at once (old enough)
     deadline = time.monotonic() + pause_for
     while time.monotonic() < deadline:  # sweeps; with a long pause the marks go too
@@ -145,6 +150,7 @@ def _paused_backup_over_condemned_packs(tmp_path: Path, pause_for: float,
     assert out and not isinstance(out[0], BaseException), out
     assert restored(eng, "new", tmp_path / "o") == sha(src)
     assert eng.verify(container="c", backup_id="new").ok
+    return out[0]
 
 
 def test_backup_paused_while_its_packs_are_condemned_and_swept(
@@ -163,27 +169,8 @@ def test_backup_paused_past_every_grace_period(
 def test_backup_whose_thread_stalls_keeps_its_packs_by_its_lists(tmp_path: Path) -> None:
     """Only the backup's main thread stalls (a slow disk, a loaded host): its reference
     lists keep coming, so collections leave its packs alone and one pass suffices."""
-    root = tmp_path / "store"
-    eng = engine_on(LocalBackend(root), tmp_path / "cache")
-    src = volume(tmp_path / "v", size=8 * MiB)
-    size = src.stat().st_size
-    eng.backup(container="c", backup_id="old", source=src, size=size)
-    time.sleep(GRACE + 0.1)  # file mtimes are coarse: a margin
-    pause = Pause()
-    t, out = in_thread(lambda: eng.backup(container="c", backup_id="new", source=src,
-                                          size=size, cancelled=pause))
-    assert pause.paused.wait(30)
-    time.sleep(3 * (GRACE - 2 * LAG) / 4)  # a reference list is out and visible
-    eng.delete(container="c", backup_id="old")
-    deadline = time.monotonic() + 2 * GRACE + 1.0
-    while time.monotonic() < deadline:
-        eng.collect_garbage(container="c")
-        time.sleep(GRACE / 4)
-    pause.go.set()
-    t.join(60)
-    assert out and not isinstance(out[0], BaseException), out
-    assert out[0].new_blocks == 0  # nothing was read again: its packs were never lost
-    assert restored(eng, "new", tmp_path / "o") == sha(src)
+    res = _paused_backup_over_condemned_packs(tmp_path, 2 * GRACE + 1.0)
+    assert res.new_blocks == 0  # nothing was read again: its packs were never lost
 
 
 def test_long_running_backup_keeps_its_packs_by_publishing_them(tmp_path: Path) -> None:
