@@ -41,7 +41,7 @@ from blockvault.engine.format import (
     pack_object,
 )
 from blockvault.engine.index import Index
-from blockvault.engine.marks import write_refs
+from blockvault.engine.marks import read_marks, write_refs
 from blockvault.engine.source import READ_CHUNK, chunks, read_into, volume_length
 from blockvault.store import Container, StoreError
 
@@ -503,9 +503,21 @@ class BackupRun:
         (SIGSTOP, a frozen VM) misses its turns, and ``max_gap`` shows it."""
         while not stop.wait(max(0.0, self._refs_every - (time.monotonic() - self._refs_at))):
             try:
+                self._refresh_condemned()
                 self._publish_refs()
             except Exception as e:  # the gap grows, and the engine's end check sees it
                 log.warning("could not publish a reference list in %s: %s", self.container, e)
+
+    def _refresh_condemned(self) -> None:
+        """Stop using packs condemned since the index sync: a long run would otherwise go on
+        deduplicating against them, and name them in its lists only after a collection may
+        have swept them (docs/format.md, "Why a backup is safe")."""
+        condemned = frozenset().union(*(m.packs for m in read_marks(self.c, self.crypto)))
+        new = condemned - self.bad
+        if new:
+            with self.index_mu:
+                self.index_writer.condemn(new)
+            self.bad = self.bad | new  # one assignment: readers see the old or the new set
 
     def _publish_refs(self) -> None:
         """Publish the packs this run references but no manifest names yet, so a garbage

@@ -109,6 +109,21 @@ class Index:
             db.execute("ROLLBACK")
             raise
 
+    def condemn(self, names: Iterable[bytes]) -> None:
+        """Stop offering ``names`` for dedup at once (marks a running backup saw after its
+        sync); the next sync replaces the set with the marks it reads."""
+        rows = [(n,) for n in names]
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR IGNORE INTO condemned VALUES (?)", rows)
+            db.executemany("DELETE FROM blobs WHERE pack = ?", rows)
+            db.executemany("DELETE FROM packs WHERE name = ?", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def known(self, names: Iterable[bytes]) -> set[bytes]:
         """Which of ``names`` the cache holds (listed at the last sync or added since, and
         not condemned)."""
