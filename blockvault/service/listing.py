@@ -3,19 +3,32 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, and_, false, func, or_, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Integer,
+    String,
+    and_,
+    false,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from blockvault.service.context import RequestContext
 from blockvault.service.errors import Invalid, NotFound, invalid_input
+from blockvault.service.inputs import DB_MAX_INT, as_int, db_int, excerpt
 
 TRUE_STRINGS = ("1", "t", "true", "on", "y", "yes")
 FALSE_STRINGS = ("0", "f", "false", "off", "n", "no")
 _RESERVED = {"limit", "marker", "offset", "sort", "sort_key", "sort_dir", "all_tenants"}
-DB_MAX_INT = 2147483647
 
 
 def parse_bool(value: str) -> bool | None:
@@ -66,7 +79,7 @@ def list_resources(
         if ctx.is_admin:
             parsed = parse_bool(raw)
             if parsed is None:
-                raise Invalid(f"all_tenants must be a boolean, got '{raw}'.")
+                raise Invalid(f"all_tenants must be a boolean, got '{excerpt(raw)}'.")
             all_tenants = parsed
 
     # -- with_count ---------------------------------------------------------------------
@@ -75,29 +88,28 @@ def list_resources(
         raw = params.pop("with_count")
         parsed = parse_bool(raw)
         if parsed is None:
-            raise Invalid(f"Value '{raw}' for 'with_count' is not a boolean.")
+            raise Invalid(f"Value '{excerpt(raw)}' for 'with_count' is not a boolean.")
         with_count = parsed
 
     # -- pagination params ---------------------------------------------------------------
     limit = max_limit
     if "limit" in params:
-        try:
-            limit = int(params["limit"])
-        except ValueError:
-            raise Invalid("limit param must be an integer") from None
-        if limit < 0:
+        parsed_limit = as_int(params["limit"])
+        if parsed_limit is None:
+            raise Invalid("limit param must be an integer")
+        if parsed_limit < 0:
             raise Invalid("limit param must be positive")
-        limit = min(limit, max_limit)
+        limit = min(parsed_limit, max_limit)
     offset = 0
     if "offset" in params:
-        try:
-            offset = int(params["offset"])
-        except ValueError:
-            raise Invalid("offset must be an integer") from None
-        if offset < 0:
+        parsed_offset = as_int(params["offset"])
+        if parsed_offset is None:
+            raise Invalid("offset must be an integer")
+        if parsed_offset < 0:
             raise Invalid("offset must be >= 0")
-        if offset > DB_MAX_INT:
+        if parsed_offset > DB_MAX_INT:
             raise Invalid(f"offset must be <= {DB_MAX_INT}")
+        offset = parsed_offset
     marker = params.get("marker")
     sort = _sort_keys(params, version)
 
@@ -125,15 +137,10 @@ def list_resources(
         if name not in columns:
             return Page([], 0 if with_count else None, False)  # Cinder: unknown column -> empty
         col = getattr(model, attr_of.get(name, name))
-        if like:
-            stmt = stmt.where(col.like(f"%{value}%"))
-        elif isinstance(columns[name].type, Integer):
-            try:
-                stmt = stmt.where(col == int(value))
-            except ValueError:
-                return Page([], 0 if with_count else None, False)
-        else:
-            stmt = stmt.where(col == value)
+        condition = _filter(col, columns[name].type, value, like)
+        if condition is None:  # a value the column cannot hold matches no row
+            return Page([], 0 if with_count else None, False)
+        stmt = stmt.where(condition)
 
     count = None
     if with_count:
@@ -143,7 +150,9 @@ def list_resources(
     order_cols = []
     for key, direction in sort:
         key = spec.renames.get(key, key)
-        if key not in columns:
+        if key not in columns or isinstance(columns[key].type, JSON):
+            # JSON columns are blockvault's own (Cinder keeps metadata in tables of
+            # their own) and have no order to page by.
             raise invalid_input("Invalid sort key")
         order_cols.append((getattr(model, attr_of.get(key, key)), direction))
     if marker is not None:
@@ -152,7 +161,7 @@ def list_resources(
         if visible and not (ctx.is_admin and all_tenants):
             visible = marker_row.project_id == ctx.project_id
         if not visible:
-            raise NotFound(f"Marker {marker} could not be found.")
+            raise NotFound(f"Marker {excerpt(marker)} could not be found.")
         stmt = stmt.where(_after(marker_row, order_cols))
     stmt = stmt.order_by(
         *[c.asc().nulls_first() if d == "asc" else c.desc().nulls_last() for c, d in order_cols]
@@ -196,6 +205,45 @@ def _sort_keys(params: dict[str, str], version: tuple[int, int]) -> list[tuple[s
     return out
 
 
+def _filter(col: Any, type_: Any, value: str, like: bool) -> Any:
+    """``col`` matches ``value`` (a query-string text), or None when no row can match.
+
+    The value is converted to what the column holds before it reaches the database: a
+    number beyond the column's range overflows the driver, a non-boolean fails SQLAlchemy's
+    Boolean, a non-date fails DateTime, NUL fails PostgreSQL's text — each a 500 otherwise.
+    Cinder answers such values with an empty list (nothing matches), and so do we.
+    """
+    if "\x00" in value:
+        return None
+    if like:
+        return col.like(f"%{value}%") if isinstance(type_, String) else None
+    if isinstance(type_, Boolean):
+        flag = parse_bool(value)
+        return None if flag is None else col.is_(flag)
+    if isinstance(type_, Integer):
+        number = db_int(value, big=isinstance(type_, BigInteger))
+        return None if number is None else col == number
+    if isinstance(type_, DateTime):
+        try:
+            when = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+        if when.tzinfo is not None:  # stored as naive UTC
+            when = when.astimezone(dt.UTC).replace(tzinfo=None)
+        return col == when
+    return col == value
+
+
+def _beyond(col: Any, value: Any, direction: str) -> Any:
+    """``col`` strictly after ``value`` in ``direction``, NULLs aside. Booleans have only
+    ``=``/``IS`` in SQLAlchemy (``col > True`` is an ArgumentError): spelt out as equality."""
+    if isinstance(value, bool):
+        if direction == "asc":
+            return false() if value else col.is_(True)
+        return col.is_(False) if value else false()
+    return col > value if direction == "asc" else col < value
+
+
 def _after(row: Any, order_cols: list) -> Any:
     """Rows strictly after ``row`` in the order (NULLS FIRST asc, NULLS LAST desc)."""
     clauses = []
@@ -206,8 +254,9 @@ def _after(row: Any, order_cols: list) -> Any:
         ]
         value = getattr(row, col.key)
         if direction == "asc":
-            beyond = col.is_not(None) if value is None else col > value
+            beyond = col.is_not(None) if value is None else _beyond(col, value, "asc")
         else:
-            beyond = false() if value is None else or_(col < value, col.is_(None))
+            beyond = false() if value is None else or_(_beyond(col, value, "desc"),
+                                                       col.is_(None))
         clauses.append(and_(*equal, beyond))
     return or_(*clauses)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, QuotaLimit, Snapshot, Volume
 from blockvault.service.errors import OverQuota, invalid_input
+from blockvault.service.inputs import DB_MAX_INT, excerpt, validate_integer
 
 RESOURCES = ("volumes", "gigabytes", "snapshots", "backups", "backup_gigabytes")
 
@@ -66,15 +67,15 @@ class Quotas:
         }
 
     def set_limits(self, s: Session, project_id: str, values: dict[str, object]) -> None:
+        # Every value is checked before any is stored: a bad one changes nothing.
+        limits = {}
         for key, value in values.items():
             if key not in RESOURCES:
-                raise invalid_input(f"Bad key(s) in quota set: {key}")
-            try:
-                limit = int(value)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise invalid_input(f"Quota limit {value!r} for {key} is not an integer.") from None
-            if limit < -1:
-                raise invalid_input(f"Quota limit {limit} for {key} must be -1 or greater.")
+                raise invalid_input(f"Bad key(s) in quota set: {excerpt(key)}")
+            # -1 (unlimited) .. the DB's int; 1.9, true, 1e400 and 10**30 are refused as
+            # Cinder refuses them, never truncated or passed on to overflow the column.
+            limits[key] = validate_integer(value, key, min_value=-1, max_value=DB_MAX_INT)
+        for key, limit in limits.items():
             row = s.get(QuotaLimit, (project_id, key))
             if row is None:
                 s.add(QuotaLimit(project_id=project_id, resource=key, hard_limit=limit))
