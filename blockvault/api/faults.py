@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+from typing import Any
+
 from starlette.responses import JSONResponse
 
 from blockvault.service import errors
@@ -30,6 +35,43 @@ _STATUS = {
 }
 
 
+log = logging.getLogger("blockvault.api")
+
+#: the longest message an error body carries (values in it are quoted as excerpts already;
+#: this bounds whatever else a message may hold)
+MAX_MESSAGE = 1000
+# Server-side locations: URLs (Swift/S3/Keystone endpoints) and absolute paths of two
+# components or more (data_dir, store directories). They help an operator, who finds them
+# in the log, and tell a tenant about the deployment, so error bodies never carry them.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+_PATH = re.compile(r"(?<![\w.~:-])/(?:[\w.~@+-]+/)+[\w.~@+-]*")
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSON response that renders any ``str``. Python strings may hold lone surrogates
+    (``json.loads('"\\ud800"')`` makes one), which UTF-8 cannot encode: those replies are
+    written with ``\\uXXXX`` escapes, which parse back to the same string, instead of
+    failing into a plain-text 500."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                              separators=(",", ":")).encode("ascii")
+
+
+def public_message(message: str) -> str:
+    """``message`` as a tenant may see it: no server paths or URLs, bounded in length."""
+    cleaned = _PATH.sub("<path>", _URL.sub("<url>", message))
+    if cleaned != message:
+        printable = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        log.warning("error detail withheld from the reply: %s", printable[:4000])
+    if len(cleaned) > MAX_MESSAGE:
+        cleaned = cleaned[:MAX_MESSAGE] + "..."
+    return cleaned
+
+
 class HTTPFault(Exception):
     """An error decided by the API layer itself (auth, routing, versions, media type)."""
 
@@ -42,12 +84,13 @@ class HTTPFault(Exception):
 
 def fault_response(status: int, message: str, headers: dict[str, str] | None = None,
                    retry_after: bool = False) -> JSONResponse:
-    body: dict = {"code": status, "message": message}
+    body: dict = {"code": status, "message": public_message(message)}
     headers = dict(headers or {})
     if retry_after:
         body["retryAfter"] = "0"
         headers["Retry-After"] = "0"
-    return JSONResponse({FAULT_NAMES.get(status, "computeFault"): body}, status, headers=headers)
+    return SafeJSONResponse({FAULT_NAMES.get(status, "computeFault"): body}, status,
+                            headers=headers)
 
 
 def service_fault(exc: errors.ServiceError, quota_prefix: bool = True) -> JSONResponse:

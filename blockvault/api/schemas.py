@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import uuid
 from typing import Any
 
@@ -12,6 +13,7 @@ import jsonschema
 from jsonschema import Draft4Validator, FormatChecker
 
 from blockvault.service.errors import Invalid
+from blockvault.service.inputs import excerpt
 
 _BOOL_VALUES = [
     True, "True", "TRUE", "true", "1", "ON", "On", "on", "YES", "Yes", "yes", "y", "t",
@@ -28,9 +30,13 @@ description = {
     "pattern": r"^[\s\S]*$",
 }
 nullable_string = {"type": ["string", "null"], "minLength": 0, "maxLength": 255}
+# "$(?!\n)": a whole-string match in both Python (where "$" alone also matches before a
+# final newline, so "key\n" passed) and ECMA-262, the dialect JSON Schema documents use.
 metadata = {
     "type": "object",
-    "patternProperties": {r"^[a-zA-Z0-9-_:. /]{1,255}$": {"type": "string", "maxLength": 255}},
+    "patternProperties": {
+        r"^[a-zA-Z0-9-_:. /]{1,255}$(?!\n)": {"type": "string", "maxLength": 255}
+    },
     "additionalProperties": False,
 }
 metadata_allows_null = {**metadata, "type": ["object", "null"]}
@@ -45,6 +51,10 @@ def _obj(props: dict, required: tuple = (), nullable: bool = False) -> dict:
     }
 
 
+# Versioned schemas are built once per microversion (a bounded set) and kept: the
+# validator cache below holds each schema it has seen, so a new dict per request grew it
+# by one validator per request, forever.
+@functools.cache
 def backup_create(version: tuple[int, int]) -> dict:
     props = {
         "volume_id": uuid_, "container": nullable_string, "description": description,
@@ -57,6 +67,7 @@ def backup_create(version: tuple[int, int]) -> dict:
     return _obj({"backup": _obj(props, ("volume_id",))}, ("backup",))
 
 
+@functools.cache
 def backup_update(version: tuple[int, int]) -> dict:
     props: dict[str, Any] = {"name": name, "description": description}
     if version >= (3, 43):
@@ -132,24 +143,49 @@ def _is_backup_status(value: object) -> bool:
     return not isinstance(value, str) or value.lower() in ("available", "error")
 
 
-_validators: dict[int, Draft4Validator] = {}
+#: one validator per schema object; schemas are module-level or cached above, so this
+#: stays a few dozen entries. Past the bound a validator is built and not kept, so a
+#: caller that builds schemas per request costs time, not memory.
+_validators: dict[int, tuple[dict, Draft4Validator]] = {}
+_MAX_VALIDATORS = 256
+
+
+def _validator(schema: dict) -> Draft4Validator:
+    cached = _validators.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    validator = Draft4Validator(schema, format_checker=_checker)
+    if len(_validators) < _MAX_VALIDATORS:
+        # the schema is kept with its validator, so its id is never reused by another
+        _validators[id(schema)] = (schema, validator)
+    return validator
 
 
 def validate(schema: dict, body: Any) -> None:
-    """Raise :class:`Invalid` with Cinder's wording if ``body`` breaks ``schema``."""
-    validator = _validators.get(id(schema))
-    if validator is None:
-        validator = Draft4Validator(schema, format_checker=_checker)
-        _validators[id(schema)] = validator
+    """Raise :class:`Invalid` with Cinder's wording if ``body`` breaks ``schema``.
+
+    Cinder quotes the bad value twice (``Value: <v>. '<v>' is too long``); here each quote
+    is an excerpt, so a 100 KB value gives a short message that still names the field.
+    """
     try:
-        validator.validate(body)
+        _validator(schema).validate(body)
     except jsonschema.ValidationError as ex:
+        reason = _short_reason(ex)
         if len(ex.path) > 0:
             raise Invalid(
-                f"Invalid input for field/attribute {ex.path[-1]}. Value: {ex.instance}. "
-                f"{ex.message}"
+                f"Invalid input for field/attribute {excerpt(ex.path[-1])}. "
+                f"Value: {excerpt(ex.instance)}. {reason}"
             ) from None
-        raise Invalid(ex.message) from None
+        raise Invalid(reason) from None
+
+
+def _short_reason(ex: jsonschema.ValidationError) -> str:
+    """jsonschema's message with its repr of the value cut to an excerpt."""
+    message = ex.message
+    whole = repr(ex.instance)
+    if len(whole) > 100:
+        message = message.replace(whole, excerpt(whole))
+    return excerpt(message, 300)
 
 
 def is_true(value: Any) -> bool:
