@@ -5,7 +5,20 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import FunctionElement
@@ -152,14 +165,31 @@ class QuotaLimit(Base):
     hard_limit: Mapped[int] = mapped_column(Integer)
 
 
+#: a job is active (its key taken, see ``Job.once_key``) while queued or running
+JOB_ACTIVE = "state IN ('queued', 'running') AND once_key IS NOT NULL"
+
+
 class Job(Base):
     """Asynchronous work claimed by workers with a lease (see blockvault.service.jobs)."""
 
     __tablename__ = "jobs"
+    __table_args__ = (
+        # claims pick the project least recently served (blockvault.service.jobs)
+        Index("ix_jobs_project_state", "project_id", "state"),
+        # at most one active job per (kind, key): two concurrent verify requests queue one
+        Index("ux_jobs_active_once", "kind", "once_key", unique=True,
+              sqlite_where=text(JOB_ACTIVE), postgresql_where=text(JOB_ACTIVE)),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(32))
     backup_id: Mapped[str] = mapped_column(String(36), index=True)
+    #: whose turn a claim serves: the backup's project (filled in the INSERT itself, see
+    #: _job_project), or the caller's for jobs that belong to no backup
+    project_id: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    #: jobs that need not run twice at once (verifies) carry a key; while one is queued or
+    #: running, no other job of its kind may take the same key (ux_jobs_active_once)
+    once_key: Mapped[str | None] = mapped_column(String(255))
     volume_id: Mapped[str | None] = mapped_column(String(36))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     #: queued -> running -> done | failed
@@ -195,3 +225,12 @@ class Runner(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime)
     seen_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+@event.listens_for(Job, "before_insert")
+def _job_project(_mapper, _conn, job: Job) -> None:
+    """A job queued without a project takes its backup's, read in the INSERT itself: no
+    enqueue site can forget it, and no extra round trip is made."""
+    if not job.project_id:
+        job.project_id = func.coalesce(  # type: ignore[assignment]
+            select(Backup.project_id).where(Backup.id == job.backup_id).scalar_subquery(), "")

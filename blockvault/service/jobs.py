@@ -28,12 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, case, delete, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from blockvault.db.models import Job, Runner, db_now
+from blockvault.db.models import Backup, Job, Runner, db_now, new_id, utcnow
 from blockvault.db.session import Database
 
 log = logging.getLogger("blockvault.jobs")
@@ -50,6 +51,46 @@ EndHandler = Callable[[Job], None]
 T = TypeVar("T")
 
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.2, 5.0
+#: finished jobs are kept this long by default (seconds): 3 days
+DEFAULT_RETENTION = 3 * 86400.0
+_PRUNE_BATCH = 500
+_ACTIVE = ("queued", "running")
+
+
+def internal_error(exc: BaseException) -> str:
+    """What a job's record says about a handler that crashed, by default: the exception's
+    text may name server paths or endpoints, so it goes to the log only."""
+    return f"internal error ({type(exc).__name__}); the service log has the details"
+
+
+# -- queueing -----------------------------------------------------------------------------------
+
+
+def enqueue_once(s: Session, kind: str, backup_id: str, key: str, *,
+                 project_id: str | None = None, **params: Any) -> Job:
+    """Queue a ``kind`` job keyed ``key``, or return the one of that kind and key that is
+    already queued or running.
+
+    Race-free: the partial unique index ``ux_jobs_active_once`` admits one active job per
+    (kind, key), and the insert yields to it (``ON CONFLICT DO NOTHING``; on PostgreSQL it
+    waits for a concurrent insert of the same key to commit or roll back first). A job
+    that ended between the insert and the look-up frees its key: try again.
+    """
+    insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
+    for _ in range(5):
+        job_id = new_id()
+        values: dict[str, Any] = dict(
+            id=job_id, kind=kind, backup_id=backup_id, once_key=key, params=params,
+            state="queued", attempts=0, bytes_done=0, bytes_total=0, created_at=utcnow(),
+            project_id=project_id if project_id is not None else func.coalesce(
+                select(Backup.project_id).where(Backup.id == backup_id).scalar_subquery(), ""),
+        )
+        s.connection().execute(insert(Job).values(**values).on_conflict_do_nothing())
+        job = s.scalars(select(Job).where(
+            Job.kind == kind, Job.once_key == key, Job.state.in_(_ACTIVE))).first()
+        if job is not None:
+            return job
+    raise RuntimeError(f"could not queue or find an active {kind} job keyed {key}")
 
 
 # -- fencing primitives (used by the runner and the handlers) --------------------------------
@@ -197,6 +238,7 @@ class JobRunner:
         on_end: EndHandler | None = None,
         maintenance: list[Callable[[], None]] | None = None,
         maintenance_interval: float = 60.0,
+        retention: float = DEFAULT_RETENTION,
         name: str = "bv",
     ) -> None:
         self.db = db
@@ -210,6 +252,10 @@ class JobRunner:
         self.poll_seconds = poll_seconds
         self.name = name
         self.data_dir = data_dir
+        #: seconds a finished job is kept (see prune); <= 0 keeps every job
+        self.retention = float(retention)
+        #: what a crashed handler's job records as its error (and its backup's fail_reason)
+        self.describe: Callable[[BaseException], str] = internal_error
         # The stable identity is taken (and its slot locked) at start.
         self.owner, self._identity_fd = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}", None
         self._wake = threading.Condition()
@@ -366,31 +412,42 @@ class JobRunner:
     # -- work -------------------------------------------------------------------------------
 
     def _claim(self) -> Job | None:
+        """Claim a queued job, taking turns across projects (see :func:`projects_in_turn`):
+        one project's hundred queued jobs make another's wait for at most one job per
+        worker. The claim itself stays one conditional UPDATE, so two workers never both
+        win a job; a worker that loses one tries the next."""
         with self.db.session() as s:
             busy = select(Job.backup_id).where(Job.state == "running")
-            candidates = s.scalars(
-                select(Job)
-                .where(Job.state == "queued", Job.backup_id.not_in(busy))
-                .order_by(Job.created_at)
-                .limit(5)
-            ).all()
-            for job in candidates:
-                token = uuid.uuid4().hex
-                res = s.execute(
-                    update(Job)
-                    .where(Job.id == job.id, Job.state == "queued")
-                    .values(
-                        state="running", owner=self.owner, token=token,
-                        tokens=func.coalesce(Job.tokens, "") + token + " ",
-                        lease_expires=db_now(self.lease), attempts=Job.attempts + 1,
-                        started_at=db_now(),
-                    )
-                )
-                if res.rowcount == 1:
-                    s.flush()
-                    s.refresh(job)
-                    return job
+            for project in projects_in_turn(s):
+                candidates = s.scalars(
+                    select(Job)
+                    .where(Job.state == "queued", Job.project_id == project,
+                           Job.backup_id.not_in(busy))
+                    .order_by(Job.created_at)
+                    .limit(5)
+                ).all()
+                for job in candidates:
+                    if self._take(s, job):
+                        return job
         return None
+
+    def _take(self, s: Session, job: Job) -> bool:
+        token = uuid.uuid4().hex
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == "queued")
+            .values(
+                state="running", owner=self.owner, token=token,
+                tokens=func.coalesce(Job.tokens, "") + token + " ",
+                lease_expires=db_now(self.lease), attempts=Job.attempts + 1,
+                started_at=db_now(),
+            )
+        )
+        if res.rowcount != 1:
+            return False
+        s.flush()
+        s.refresh(job)
+        return True
 
     def _work(self) -> None:
         delay = _BACKOFF_FIRST
@@ -425,7 +482,7 @@ class JobRunner:
                 raise
             except Exception as exc:  # the handler records domain failures itself
                 log.exception("job %s crashed", job.id)
-                error = f"{type(exc).__name__}: {exc}"[:255]
+                error = self.describe(exc)[:255]
 
             def finish(s: Session) -> bool:
                 if error is None:
@@ -506,6 +563,10 @@ class JobRunner:
                 self._start_worker(i)
         if self._started and self.alive_workers() == 0:
             log.error("no job worker thread is alive: no backup, restore or delete runs")
+        try:
+            self.prune()
+        except Exception:
+            log.exception("pruning finished jobs failed")
         for task in self.maintenance:
             if self.stopping.is_set():
                 return
@@ -513,3 +574,72 @@ class JobRunner:
                 task()
             except Exception:
                 log.exception("maintenance task failed")
+
+    def prune(self) -> int:
+        """Delete finished jobs older than the retention, in batches; returns how many."""
+        if self.retention <= 0:
+            return 0
+        pruned = 0
+        while not self.stopping.is_set():
+            with self.db.session() as s:
+                ids = list(s.scalars(select(Job.id).where(prunable(self.retention))
+                                     .limit(_PRUNE_BATCH)))
+                if ids:
+                    # re-checked in the DELETE: nothing that became needed meanwhile goes
+                    s.execute(delete(Job).where(Job.id.in_(ids), prunable(self.retention)))
+            pruned += len(ids)
+            if len(ids) < _PRUNE_BATCH:
+                break
+        if pruned:
+            log.info("pruned %d jobs finished more than %gs ago", pruned, self.retention)
+        return pruned
+
+
+# -- turns and retention (queries) --------------------------------------------------------------
+
+
+def projects_in_turn(s: Session) -> list[str]:
+    """The projects with queued jobs, whose turn first: fewest jobs running, then served
+    least recently (the latest claim of any of its jobs; never served first), then the one
+    waiting longest. Successive claims thus go round the projects, whatever each queued."""
+    running = func.sum(case((Job.state == "running", 1), else_=0))
+    served = func.max(Job.started_at)
+    waiting = func.min(case((Job.state == "queued", Job.created_at)))
+    queued = select(Job.project_id).where(Job.state == "queued").distinct()
+    rows = s.execute(
+        select(Job.project_id)
+        .where(Job.project_id.in_(queued))
+        .group_by(Job.project_id)
+        .order_by(running, served.asc().nulls_first(), waiting, Job.project_id)
+    )
+    return [p for (p,) in rows]
+
+
+def prunable(retention: float) -> Any:
+    """Which jobs retention removes: finished more than ``retention`` seconds ago (by the
+    DB's clock), and needed by nobody. Kept whatever their age:
+
+    - create and import jobs of a backup not deleted: their token log names every
+      attempt's storage id, which deleting the backup cleans up (Tasks.delete);
+    - a backup's latest create/restore/delete/import (the progress resource shows it) and
+      its latest verify (the verification resource shows it).
+    """
+    newer = aliased(Job)
+    live = select(Backup.id).where(Backup.deleted.is_(False))
+    shown = Job.kind.not_in(("verify", "record"))
+
+    def superseded(same_kind: Any) -> Any:
+        return exists().where(newer.backup_id == Job.backup_id,
+                              newer.created_at > Job.created_at, same_kind)
+
+    return and_(
+        Job.state.in_(("done", "failed")),
+        Job.finished_at < db_now(-retention),
+        ~and_(Job.kind.in_(("create", "import")), Job.backup_id.in_(live)),
+        or_(
+            Job.backup_id.not_in(live),
+            Job.kind == "record",
+            and_(Job.kind == "verify", superseded(newer.kind == "verify")),
+            and_(shown, superseded(newer.kind.not_in(("verify", "record")))),
+        ),
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 from blockvault.db.models import Backup, Job, Snapshot, Volume, utcnow
 from blockvault.db.session import Database
 from blockvault.engine import Engine
-from blockvault.engine.errors import Cancelled, EngineError, KeyMismatch
+from blockvault.engine.errors import Cancelled, EngineError, KeyMismatch, TargetError
 from blockvault.service.backups import (
     backup_record,
     parse_record_datetime,
@@ -35,10 +36,17 @@ from blockvault.service.jobs import (
     attempt_is_current,
     attempt_storage_ids,
     finish_job,
+    internal_error,
     storage_id,
 )
 from blockvault.service.volumes import set_volume_status
-from blockvault.store import StoreError
+from blockvault.store import (
+    ObjectNotFound,
+    StoreError,
+    StoreFull,
+    StorePermanentError,
+    StoreUnavailable,
+)
 from blockvault.volume import RawFileDriver
 
 log = logging.getLogger("blockvault.tasks")
@@ -51,14 +59,49 @@ _CHECK_EVERY = 1.0
 _STORAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+# What must never reach a user: endpoints (any scheme://…, host:port, a driver's
+# host='…'), and absolute paths of the server (data, cache and store directories, volume
+# files). Object, pack and container names are the user's own and stay.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_HOST = re.compile(r"\bhost=(['\"]).*?\1|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"
+                   r"|\[[0-9A-Fa-f:]*:[0-9A-Fa-f:]*\](?::\d+)?|\blocalhost:\d+\b")
+_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"<>()]*)")
+_NOTHING = re.compile(r"\s*\((?:<path>|<endpoint>)\)|,?\s*port=\d+")
+
+
+def scrub(text: str) -> str:
+    """``text`` without endpoints or server paths (the safety net under fail_reason)."""
+    text = _URL.sub("<endpoint>", text)
+    text = _HOST.sub("<endpoint>", text)
+    text = _PATH.sub("<path>", text)
+    return _NOTHING.sub("", text)
+
+
 def fail_reason(exc: BaseException) -> str:
-    """A sentence a person understands, never a credential (store errors are scrubbed at
-    the source)."""
-    if isinstance(exc, StoreError | EngineError):
-        text = str(exc)
+    """What a user is told about a failed job (a backup's or restore's ``fail_reason``, a
+    verify report's error): what went wrong with their data, in a sentence, never a server
+    path, an internal endpoint or a credential. Callers log ``exc`` itself, detail and all.
+    """
+    if isinstance(exc, StoreUnavailable):
+        text = "The object store could not be reached; try again later."
+    elif isinstance(exc, StoreFull):
+        where = f" while writing {exc.name}" if exc.name else ""
+        text = f"The object store is full ({exc.reason}){where}."
+    elif isinstance(exc, ObjectNotFound):
+        where = f" in container {exc.container}" if exc.container else ""
+        text = f"Object {exc.name} is missing{where}."
+    elif isinstance(exc, StorePermanentError):
+        text = f"The object store refused the request: {exc}"
+    elif isinstance(exc, TargetError):
+        why = os.strerror(exc.errno) if exc.errno else "the device failed"
+        text = f"Writing the restored data to the volume failed: {why}."
+    elif isinstance(exc, EngineError | ValueError | LookupError):
+        text = str(exc)  # about the user's data (objects, containers, records)
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"unexpected {type(exc).__name__}: {exc.strerror}"
     else:
-        text = f"unexpected {type(exc).__name__}: {exc}"
-    return text[:FAIL_REASON_MAX]
+        text = internal_error(exc)
+    return scrub(text)[:FAIL_REASON_MAX]
 
 
 def backup_storage_id(backup: Backup) -> str:
@@ -101,6 +144,7 @@ class Tasks:
         lost leases."""
         self.write = runner.write
         self.attempt_lost = runner.attempt_lost
+        runner.describe = fail_reason
 
     def handlers(self) -> dict[str, Callable[[Job], None]]:
         return {
@@ -178,7 +222,7 @@ class Tasks:
         return self.write(tx, f"the outcome of job {job.id} ({job.kind} of {job.backup_id})")
 
     def _failed(self, job: Job, reason: str) -> Any:
-        reason = reason[:FAIL_REASON_MAX]
+        reason = scrub(reason)[:FAIL_REASON_MAX]
         return self._final(job, lambda s: self.fail(s, job, reason), "failed", reason)
 
     def _discard_unless_winner(self, container: str, backup_id: str, sid: str) -> bool:
@@ -520,7 +564,8 @@ class Tasks:
                     f"match its backup data ({data_bytes} bytes, {size} GiB)."
                 )
         except (ValueError, LookupError, StoreError, EngineError) as exc:
-            self._failed(job, str(exc))
+            log.warning("import of backup %s failed: %s", job.backup_id, exc)
+            self._failed(job, fail_reason(exc))
             if cloned:
                 self._discard_unless_winner(container, job.backup_id, sid)
             return
@@ -617,6 +662,8 @@ class Tasks:
         try:
             rep = self.engine.verify(container=container, backup_id=backup_id)
         except (StoreError, EngineError) as exc:
+            log.warning("verify of %s in %s failed: %s", backup_id or "every backup",
+                        container, exc)
             return {"ok": False, "checked_blocks": 0, "missing": [], "corrupt": [],
                     "error": fail_reason(exc)}
         return {"ok": rep.ok, "checked_blocks": rep.checked_blocks,
@@ -627,7 +674,7 @@ class Tasks:
     def fail(self, s: Session, job: Job, reason: str) -> None:
         """Record a failed job in the reference's error states, inside the transaction that
         won the job row's conditional update."""
-        reason = reason[:FAIL_REASON_MAX]
+        reason = scrub(reason)[:FAIL_REASON_MAX]  # whoever wrote it: no path, no endpoint
         if job.kind in ("create", "import"):
             set_backup_status(s, job.backup_id, ("creating",), status="error",
                               fail_reason=reason)
