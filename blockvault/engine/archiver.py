@@ -140,12 +140,17 @@ class BackupRun:
 
     def __init__(self, engine: Engine, c: Container, container: str, cfg: ContainerConfig,
                  index: Index, index_writer: Index, cancelled: Callable[[], bool] | None,
-                 bad: frozenset[bytes] = frozenset(), started: float | None = None) -> None:
+                 bad: frozenset[bytes] = frozenset(), started: float | None = None,
+                 scope: str | None = None) -> None:
         self.engine = engine
         self.c = c
         self.container = container
         self.cfg = cfg
-        self.crypto = cfg.crypto
+        self.crypto = cfg.crypto  # sealing (blobs, trailers, manifests, gc objects)
+        # Block ids of the run's dedup scope (docs/format.md, "Dedup scopes"): the index
+        # holds every scope's ids, but only blocks stored under this scope's key can match.
+        self.scope = scope
+        self.id_crypto = cfg.crypto.scoped(scope)
         self.bs = cfg.block_size
         self.index = index  # lookups, calling thread only
         self.index_writer = index_writer  # inserts, upload threads under index_mu
@@ -251,7 +256,7 @@ class BackupRun:
             return []
         bs = self.bs
         zero = self._zero
-        block_id = self.crypto.block_id
+        block_id = self.id_crypto.block_id
         first = offset // bs
         out: list[tuple | None] = []
         todo: list[tuple] = []
@@ -572,7 +577,14 @@ class BackupRun:
         if parent_id is not None:
             try:
                 pm = ManifestReader(self.c, parent_id, self.crypto, self.container)
-                if pm.block_size == bs:
+                if pm.scope != self.scope:
+                    # Its ids were made with another scope's key (a backup from before
+                    # scopes, one imported from another project, or the setting changed):
+                    # none can equal this run's, and one manifest must not mix keys. The
+                    # volume is read whole and its blocks are stored in this scope.
+                    log.info("parent %s was deduplicated in another scope; doing a full "
+                             "backup", parent_id)
+                elif pm.block_size == bs:
                     self.parent = ParentEntries(pm.raw_segments())
                     if changed is not None and pm.size == size:
                         ranges = block_ranges(changed, size, bs)
@@ -673,7 +685,7 @@ class BackupRun:
             self._fill_manifest(builder)
             return self.engine._put_manifest(self.c, backup_id, builder, {
                 "size": size, "block_size": self.bs, "parent_id": parent_id,
-                "created_at": int(time.time()),
+                "dedup_scope": self.scope, "created_at": int(time.time()),
                 "stats": {"new_blocks": self.new_blocks, "reused_blocks": self.reused_blocks},
             })
 

@@ -31,7 +31,8 @@ def verify(engine: Engine, *, container: str, backup_id: str | None = None) -> V
         ids = (n[len("manifests/"):] for n in c.list("manifests/"))
     cfg = engine._config(c, container, create=False)
     seen = sqlite3.connect("")  # private on-disk temp db: blobs already checked
-    seen.execute("CREATE TABLE seen (pack BLOB, off INTEGER, PRIMARY KEY (pack, off))")
+    seen.execute("CREATE TABLE seen (pack BLOB, off INTEGER, scope TEXT, "
+                 "PRIMARY KEY (pack, off, scope))")
     mu = threading.Lock()
 
     def on_bad(e: DataError) -> None:
@@ -55,20 +56,24 @@ def verify(engine: Engine, *, container: str, backup_id: str | None = None) -> V
             if cfg is None:
                 missing.add(CONFIG_NAME)
                 break
-            crypto = cfg.crypto
             pending: deque[Future] = deque()
             try:
-                m = ManifestReader(c, bid, crypto, container)
+                m = ManifestReader(c, bid, cfg.crypto, container)
+                # Each manifest's blocks are checked with the ids of its own dedup scope,
+                # and a blob once per scope that names it (a blob's id is keyed by the
+                # scope it was stored in, so another scope naming it must fail the check).
+                crypto = m.id_crypto
+                scope = m.scope or ""
                 bs = m.block_size
 
-                def fresh(entries: Iterator[tuple]) -> Iterator[tuple]:
+                def fresh(entries: Iterator[tuple], scope: str) -> Iterator[tuple]:
                     for e in entries:
-                        cur = seen.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)",
-                                           (e[2], e[3]))
+                        cur = seen.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)",
+                                           (e[2], e[3], scope))
                         if cur.rowcount:
                             yield e
 
-                for run in runs(fresh(raw_entries(m)), bs):
+                for run in runs(fresh(raw_entries(m), scope), bs):
                     pending.append(pool.submit(check, run))
                     while len(pending) > engine.config.upload_concurrency + engine.workers:
                         rep.checked_blocks += pending.popleft().result()

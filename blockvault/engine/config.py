@@ -32,6 +32,11 @@ class EngineConfig:
     # eventually consistent. Safety needs gc_grace > 2 * store_lag.
     gc_grace: float = 3600.0
     store_lag: float = 300.0
+    # Which backups deduplicate against each other (docs/format.md, "Dedup scopes"):
+    # "project" — only those given the same ``scope`` (the service passes the project id),
+    # so nothing a tenant observes depends on another tenant's data; "container" — all
+    # backups of a container (single-tenant deployments: more dedup, the pre-scope ids).
+    dedup_scope: str = "project"
     # 32 bytes -> encryption on for NEW containers; required to read encrypted ones
     encryption_key: bytes | None = field(default=None, repr=False)
 
@@ -48,6 +53,9 @@ class EngineConfig:
             raise ValueError("workers must be >= 0 and upload_concurrency >= 1")
         if self.store_lag < 0 or self.gc_grace <= 2 * self.store_lag:
             raise ValueError("gc_grace must be more than twice store_lag (docs/format.md)")
+        if self.dedup_scope not in ("project", "container"):
+            raise ValueError(
+                f"dedup_scope must be 'project' or 'container', not {self.dedup_scope!r}")
         if self.encryption_key is not None and len(self.encryption_key) != 32:
             raise ValueError("encryption_key must be exactly 32 bytes")
 

@@ -5,10 +5,14 @@ An unencrypted container hashes blocks with plain BLAKE3 and protects its metada
 hashes blocks with keyed BLAKE3 (so ids reveal nothing about content) and seals every blob,
 manifest segment, trailer and record with AES-256-GCM under a random 12-byte nonce.
 Subkeys come from the master key through BLAKE3's derive_key mode.
+
+Block ids may be *scoped* (``Crypto.scoped``): keyed by a dedup scope (the service's
+project), so that identical blocks of two scopes get unrelated ids and never deduplicate.
 """
 
 from __future__ import annotations
 
+import copy
 import hmac
 import os
 
@@ -25,6 +29,25 @@ _CTX = "blockvault 2026 format v1 "
 
 def derive(master: bytes, purpose: str) -> bytes:
     return blake3.blake3(master, derive_key_context=_CTX + purpose).digest()
+
+
+#: Largest dedup scope name, in UTF-8 bytes (project ids are far shorter).
+MAX_SCOPE_BYTES = 255
+
+
+def scope_key(id_key: bytes | None, scope: str) -> bytes:
+    """The block id key of dedup scope ``scope`` (docs/format.md, "Dedup scopes").
+
+    In an encrypted container it is derived from the container's block id key, so it is
+    as secret as the key. In an unencrypted one the input is the scope name alone: such
+    ids are no secret (nor is anything else in that container), they only need to differ
+    between scopes. The block id key has a fixed length (32), so ``key || name`` is
+    unambiguous."""
+    name = scope.encode()
+    if not name or len(name) > MAX_SCOPE_BYTES or b"\0" in name:
+        raise ValueError(f"invalid dedup scope {scope[:60]!r}")
+    return blake3.blake3((id_key or b"") + name,
+                         derive_key_context=_CTX + "dedup scope").digest()
 
 
 class SealError(ValueError):
@@ -44,6 +67,22 @@ class Crypto:
             self._aead = None
             self._id_key = None
             self._check_key = b""
+        self.scope: str | None = None
+        self._base: Crypto | None = None  # the container-wide context of a scoped one
+
+    def scoped(self, scope: str | None) -> Crypto:
+        """This context with the block ids of dedup scope ``scope``; None is the
+        container-wide scope (the ids every backup had before scopes existed). Sealing is
+        unchanged: a blob's AAD binds it to whatever id it was stored under."""
+        if scope == self.scope:
+            return self
+        if self._base is not None:
+            return self._base.scoped(scope)
+        other = copy.copy(self)
+        other.scope = scope
+        other._base = self
+        other._id_key = scope_key(self._id_key, scope)
+        return other
 
     # -- block ids ---------------------------------------------------------------------
     def block_id(self, data: bytes) -> bytes:

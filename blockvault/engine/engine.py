@@ -18,7 +18,7 @@ from pathlib import Path
 from blockvault.engine import checker, prune, restorer
 from blockvault.engine.archiver import BackupRun
 from blockvault.engine.config import BackupResult, EngineConfig, Progress, VerifyReport
-from blockvault.engine.crypto import Crypto, SealError
+from blockvault.engine.crypto import Crypto, SealError, scope_key
 from blockvault.engine.errors import DataError, EngineError
 from blockvault.engine.format import (
     CONFIG_NAME,
@@ -169,14 +169,15 @@ class Engine:
 
     def manifest_info(self, *, container: str, backup_id: str) -> dict:
         """What a backup's manifest says about it: ``size`` (bytes), ``block_size``,
-        ``parent_id``, ``created_at``. DataError if it is missing or unreadable."""
+        ``parent_id``, ``created_at``, ``dedup_scope`` (None: container-wide). DataError
+        if it is missing or unreadable."""
         check_id(backup_id)
         c = self.backend.open(container, create=False)
         cfg = self._require_config(c, container)
         m = ManifestReader(c, backup_id, cfg.crypto, container)
         return {"size": m.size, "block_size": m.block_size,
                 "parent_id": m.header.get("parent_id"),
-                "created_at": m.header.get("created_at")}
+                "created_at": m.header.get("created_at"), "dedup_scope": m.scope}
 
     def _manifest_builder(self, backup_id: str, crypto: Crypto) -> ManifestBuilder:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -196,8 +197,16 @@ class Engine:
                parent_id: str | None = None, record: dict | None = None,
                progress: Progress | None = None,
                cancelled: Callable[[], bool] | None = None,
-               changed: Sequence[tuple[int, int]] | None = None) -> BackupResult:
+               changed: Sequence[tuple[int, int]] | None = None,
+               scope: str | None = None) -> BackupResult:
         """Back up ``size`` bytes of ``source`` as ``backup_id``.
+
+        ``scope`` is the dedup scope the backup belongs to (the service passes the
+        backup's project id): with ``dedup_scope = "project"`` its blocks are deduplicated
+        only against blocks stored under the same scope, so its counts, sizes and timings
+        do not depend on what other scopes stored. None, or ``dedup_scope = "container"``,
+        deduplicates across the whole container (the ids of backups from before scopes).
+        A parent of another scope is used for nothing but its id (a full read).
 
         ``changed`` (with ``parent_id``) is the caller's promise that only those byte ranges
         (offset, length) may differ from the parent backup's data: every block outside them
@@ -210,6 +219,10 @@ class Engine:
             check_id(parent_id)
         if size < 0:
             raise ValueError("size must not be negative")
+        if self.config.dedup_scope == "container":
+            scope = None
+        elif scope is not None:
+            scope_key(None, scope)  # a bad name fails here, before anything is stored
         c = self.backend.open(container)
         cfg = self._config(c, container, create=True)
         assert cfg is not None
@@ -225,7 +238,7 @@ class Engine:
                 bad |= index.sync(c, cfg.crypto, self.config.upload_concurrency, cancelled,
                                   self.config.store_lag)
                 run = BackupRun(self, c, container, cfg, index, writer, cancelled, bad,
-                                started)
+                                started, scope)
                 runs.append(run)
                 result = run.run(backup_id, Path(source), size, parent_id, progress, changed)
                 lost = self._lost_references(c, cfg, index, run, time.monotonic() - started)

@@ -1,4 +1,4 @@
-"""Binary layouts of format version 1 (see docs/format.md): packs, manifests, config."""
+"""Binary layouts of the storage format (see docs/format.md): packs, manifests, config."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ from blockvault.engine.crypto import Crypto, SealError
 from blockvault.engine.errors import DataError, FormatError, KeyMismatch
 from blockvault.store import Container, ObjectNotFound
 
-FORMAT_VERSION = 1  # manifests and records
+FORMAT_VERSION = 1  # records, and manifests of the container-wide dedup scope
+#: Manifests of a backup deduplicated within a dedup scope (docs/format.md, "Dedup
+#: scopes"): their header names the scope whose key made the block ids. A distinct
+#: version so that engines from before scopes refuse them (FormatError) instead of
+#: checking their blocks against the wrong ids and calling valid backups corrupt.
+MANIFEST_VERSION_SCOPED = 2
+MANIFEST_VERSIONS = (FORMAT_VERSION, MANIFEST_VERSION_SCOPED)
 #: Version 2 containers hold version 2 packs (a random salt in each trailer, so no two
 #: uploads ever make the same pack name) and the garbage collection objects under ``gc/``.
 #: Version 1 containers are read as they are and upgraded on their first write.
@@ -268,11 +274,17 @@ class ManifestBuilder:
         """Write the whole manifest object to ``out`` (a new, empty file) and return its
         size; ``out`` is left at offset 0."""
         self._flush()
+        # Container-wide manifests stay exactly what engines before scopes wrote.
+        version = FORMAT_VERSION
+        if header.get("dedup_scope") is not None:
+            version = MANIFEST_VERSION_SCOPED
+        else:
+            header = {k: v for k, v in header.items() if k != "dedup_scope"}
         header = dict(header, backup_id=self.backup_id, entries=self.entries,
-                      segments=self._segment_count, version=FORMAT_VERSION)
+                      segments=self._segment_count, version=version)
         hdr = self.crypto.seal(json.dumps(header).encode(), _header_aad(self.backup_id))
         flags = FLAG_ENCRYPTED if self.crypto.encrypted else 0
-        out.write(MANIFEST_PREFIX.pack(MANIFEST_MAGIC, FORMAT_VERSION, flags, len(hdr)))
+        out.write(MANIFEST_PREFIX.pack(MANIFEST_MAGIC, version, flags, len(hdr)))
         out.write(hdr)
         self._segments.seek(0)
         shutil.copyfileobj(self._segments, out, 1024 * 1024)
@@ -331,7 +343,7 @@ class ManifestReader:
         magic, version, flags, hlen = MANIFEST_PREFIX.unpack(prefix)
         if magic != MANIFEST_MAGIC:
             raise DataError(f"manifest {self.name} is corrupt (bad magic)", self.name)
-        if version != FORMAT_VERSION:
+        if version not in MANIFEST_VERSIONS:
             raise FormatError(f"manifest {self.name} has unknown format version {version}")
         if bool(flags & FLAG_ENCRYPTED) != crypto.encrypted:
             if flags & FLAG_ENCRYPTED:
@@ -348,7 +360,19 @@ class ManifestReader:
             self.parent_id = self.header.get("parent_id")
             self.entry_count = int(self.header["entries"])
             self.segment_count = int(self.header["segments"])
+            # The dedup scope whose key made this manifest's block ids; None (version 1:
+            # every manifest written before scopes) is the container-wide one.
+            self.scope: str | None = None
+            if version >= MANIFEST_VERSION_SCOPED:
+                self.scope = self.header["dedup_scope"]
+                if not isinstance(self.scope, str) or not self.scope:
+                    raise ValueError("bad dedup_scope")
         except (ValueError, KeyError, TypeError):
+            raise DataError(f"manifest {self.name} has a corrupt header", self.name) from None
+        # Reads the blocks with the scope's ids; sealing does not depend on the scope.
+        try:
+            self.id_crypto = crypto.scoped(self.scope)
+        except ValueError:
             raise DataError(f"manifest {self.name} has a corrupt header", self.name) from None
 
     def _open(self, sealed: bytes, aad: bytes) -> bytes:

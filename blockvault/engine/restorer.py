@@ -132,7 +132,7 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
     m = ManifestReader(c, backup_id, cfg.crypto, container)
     size, bs = m.size, m.block_size
     nblocks = -(-size // bs)
-    crypto = cfg.crypto
+    crypto = m.id_crypto  # the ids of the backup's dedup scope
     report = Throttle(progress, size, "restore")
     try:
         fd = os.open(target, os.O_WRONLY)
