@@ -4,6 +4,6 @@ The default driver keeps each volume as a sparse raw file; a snapshot is a spars
 copy of it (a reflink where the filesystem offers one).
 """
 
-from blockvault.volume.rawfile import RawFileDriver
+from blockvault.volume.rawfile import CapacityError, RawFileDriver
 
-__all__ = ["RawFileDriver"]
+__all__ = ["CapacityError", "RawFileDriver"]
