@@ -148,7 +148,11 @@ class Services:
         with self.db.session() as s:
             return self.quotas.limits(s, target), self.quotas.usage(s, target)
 
-    def quota_defaults(self) -> dict[str, int]:
+    def quota_defaults(self, ctx: RequestContext, target: str) -> dict[str, int]:
+        # Cinder authorizes the defaults with the same policy as the quota set, against the
+        # target project: another project's defaults are an admin's to read (403).
+        if target != ctx.project_id:
+            ctx.require_admin("volume_extension:quotas:show")
         return asdict(self.quotas.defaults)
 
     def set_quotas(self, ctx: RequestContext, target: str, values: dict[str, Any]) -> dict:

@@ -19,7 +19,7 @@ from blockvault.api.views import (
     volume_summary,
 )
 from blockvault.service.errors import Invalid, NotFound, invalid_input
-from blockvault.service.volumes import DEFAULT_VOLUME_TYPE_ID
+from blockvault.service.volumes import DEFAULT_VOLUME_TYPE_ID, check_size
 
 # Volume bodies are checked field by field rather than with additionalProperties=false:
 # clients send many keys this service has no use for (imageRef, multiattach, ...).
@@ -102,15 +102,21 @@ def _name_changes(body: dict) -> dict[str, Any]:
     return changes
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, bool):
-        raise invalid_input(f"Volume size '{value}' must be an integer and greater than 0.")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+def _size(value: Any, field: str = "size") -> int:
+    """A size as Cinder's ``volume_size`` schema takes it: an integer, or a string of
+    digits, from 1 to DB_MAX_INT (2147483647) GiB."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
         raise invalid_input(
-            f"Volume size '{value}' must be an integer and greater than 0."
-        ) from None
+            f"Volume size '{_excerpt(value)}' must be an integer and greater than 0."
+        )
+    return check_size(value, field)
+
+
+def _excerpt(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 # -- volumes ----------------------------------------------------------------------------
@@ -203,7 +209,7 @@ def volume_action(call: Call) -> Response:
         if "new_size" not in arg:
             raise Invalid("Invalid input for field/attribute os-extend. Value: "
                           f"{body[key]}. 'new_size' is a required property")
-        volumes.extend(call.ctx, volume_id, _size(arg["new_size"]))
+        volumes.extend(call.ctx, volume_id, _size(arg["new_size"], "new_size"))
     elif key == "os-reset_status":
         schemas.validate(schemas.volume_reset_status, body)
         volumes.reset_status(call.ctx, volume_id, body[key]["status"])
@@ -221,7 +227,8 @@ def volume_action(call: Call) -> Response:
 
 # -- volume data (blockvault extension) ------------------------------------------------------
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+#: One byte-range-spec (``a-b``, ``a-``) or suffix-range (``-n``); a list does not match.
+_RANGE_RE = re.compile(r"(\d*)-(\d*)")
 
 
 async def write_data(call: Call) -> Response:
@@ -233,10 +240,12 @@ async def write_data(call: Call) -> Response:
     if ctype.split(";")[0].strip().lower() != "application/octet-stream":
         raise HTTPFault(415, "Unsupported Content-Type")
     length = call.request.headers.get("content-length")
+    if length is not None and not length.strip().isdigit():
+        raise HTTPFault(400, "Content-Length must be a non-negative integer.")
     chunks = _SyncStream(call.request.stream())
     await run_in_threadpool(
         call.services.volumes.write_data, call.ctx, call.path["volume_id"], offset,
-        int(length) if length and length.isdigit() else None, chunks,
+        int(length) if length is not None else None, chunks,
     )
     return Response(status_code=204)
 
@@ -260,26 +269,60 @@ class _SyncStream:
             raise StopIteration from None
 
 
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The byte range (start, end exclusive) a ``Range`` header asks of ``size`` bytes, by
+    RFC 9110 §14: None means "send the whole body" (no header, another unit, a header that
+    does not parse, e.g. an inverted ``bytes=10-5``, or several ranges: the server may
+    ignore a Range, and a multipart answer buys a volume reader nothing). An end past the
+    last byte is clamped; ``bytes=-N`` is the last N bytes. A well-formed range that starts
+    past the end (or ``bytes=-0``) raises 416 with ``Content-Range: bytes */SIZE``."""
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    m = _RANGE_RE.fullmatch(spec.strip(" \t"))
+    if m is None:
+        return None  # malformed, or a list of ranges
+    first, last = m.group(1), m.group(2)
+    if first:
+        start = int(first)
+        if last and int(last) < start:
+            return None  # inverted: invalid, so ignored
+        end = size if not last else min(int(last) + 1, size)
+        if start >= size:
+            raise _unsatisfiable(header, size)
+        return start, end
+    if not last:
+        return None  # "bytes=-"
+    n = int(last)
+    if n == 0:
+        raise _unsatisfiable(header, size)
+    return max(0, size - n), size
+
+
+def _unsatisfiable(header: str, size: int) -> HTTPFault:
+    return HTTPFault(
+        416, f"Range {_excerpt(header)} is not satisfiable: the volume holds {size} bytes.",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
 async def read_data(call: Call) -> Response:
     header = call.request.headers.get("range")
-    start, end = 0, None
-    if header:
-        m = _RANGE_RE.match(header.strip())
-        if not m or (not m.group(1) and not m.group(2)):
-            raise invalid_input(f"Range header {header!r} is not of the form bytes=a-b.")
-        if m.group(1):
-            start = int(m.group(1))
-            end = int(m.group(2)) + 1 if m.group(2) else None
-        else:  # suffix range: the last N bytes
-            vol = await run_in_threadpool(call.services.volumes.get, call.ctx,
-                                          call.path["volume_id"])
-            start = max(0, vol.size * 1024**3 - int(m.group(2)))
+    chosen: list[bool] = []
+
+    def choose(size: int) -> tuple[int, int]:
+        byte_range = parse_range(header, size)
+        chosen.append(byte_range is not None)
+        return byte_range or (0, size)
+
     start, end, total, chunks = await run_in_threadpool(
-        call.services.volumes.read_data, call.ctx, call.path["volume_id"], start, end
+        call.services.volumes.read_data, call.ctx, call.path["volume_id"], choose
     )
     headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes"}
     status = 200
-    if header:
+    if chosen[0]:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
     return StreamingResponse(iterate_in_threadpool(chunks), status, headers=headers,
@@ -358,7 +401,7 @@ def show_quotas(call: Call) -> Response:
 
 
 def show_default_quotas(call: Call) -> Response:
-    defaults = call.services.quota_defaults()
+    defaults = call.services.quota_defaults(call.ctx, call.path["target_project_id"])
     return json_response({"quota_set": {**defaults, "id": call.path["target_project_id"]}})
 
 
@@ -463,7 +506,7 @@ ENDPOINTS = [
     Endpoint("PUT", "/volumes/{volume_id}", update_volume, body="json"),
     Endpoint("DELETE", "/volumes/{volume_id}", delete_volume),
     Endpoint("POST", "/volumes/{volume_id}/action", volume_action, body="json"),
-    Endpoint("PUT", "/volumes/{volume_id}/data", write_data, is_async=True),
+    Endpoint("PUT", "/volumes/{volume_id}/data", write_data, body="raw", is_async=True),
     Endpoint("GET", "/volumes/{volume_id}/data", read_data, is_async=True),
     Endpoint("GET", "/snapshots", list_snapshots),
     Endpoint("GET", "/snapshots/detail", list_snapshots_detail),

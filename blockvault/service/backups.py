@@ -11,11 +11,12 @@ import base64
 import binascii
 import datetime as dt
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, Job, utcnow
@@ -31,6 +32,7 @@ from blockvault.service.errors import (
 from blockvault.service.listing import ListSpec, Page, list_resources
 from blockvault.service.quotas import Quotas
 from blockvault.service.volumes import (
+    DB_MAX_INT,
     VolumeService,
     visible_snapshot,
     visible_volume,
@@ -54,6 +56,12 @@ RECORD_FIELDS = (
     "encryption_key_id", "created_at", "updated_at", "deleted_at", "deleted",
 )
 _DATETIME_FIELDS = {"data_timestamp", "created_at", "updated_at", "deleted_at"}
+#: Record fields holding ids of this service's rows. They are stored in canonical form
+#: (lowercase, hyphenated): the DB compares ids exactly, so ``ABC…`` and ``abc…`` would be
+#: two backups, and a parent link in the wrong case would point at nothing.
+_RECORD_ID_FIELDS = ("id", "volume_id", "parent_id", "snapshot_id", "restore_volume_id",
+                     "temp_volume_id", "temp_snapshot_id")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 
 
 @dataclass(frozen=True)
@@ -376,38 +384,49 @@ class BackupService:
     def restore(
         self, ctx: RequestContext, backup_id: str, volume_id: str | None, name: str | None
     ) -> RestoreTarget:
-        backup = self.get(ctx, backup_id)
-        self._check_restorable(backup)
-        target_is_new = volume_id is None
-        if target_is_new:
-            vol = self.volumes.create_for_restore(
-                ctx, backup.size, name or f"restore_backup_{backup_id}"
+        if volume_id is not None:
+            return self._start_restore(ctx, backup_id, volume_id)
+        # A new target (reference §7.5): made in the same transaction that moves the backup
+        # to 'restoring', so a restore that loses the race for the backup (it is no longer
+        # 'available') rolls its volume back too: no orphan row, quota or file.
+        with self.volumes.new_files() as made, self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id, lock=True)
+            self._check_restorable(backup)
+            vol = self.volumes.new_volume(
+                s, made, ctx, backup.size, name=name or f"restore_backup_{backup_id}",
+                description="auto-created_from_restore_from_backup",
             )
-            volume_id = vol.id
-        return self._start_restore(ctx, backup_id, volume_id, target_is_new)
+            result = self._begin_restore(s, backup, vol, target_is_new=True)
+        self.wake_workers()
+        return result
 
-    def _start_restore(
-        self, ctx: RequestContext, backup_id: str, volume_id: str, target_is_new: bool
-    ) -> RestoreTarget:
+    def _start_restore(self, ctx: RequestContext, backup_id: str, volume_id: str) -> RestoreTarget:
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id, lock=True)
             self._check_restorable(backup)
             vol = visible_volume(s, ctx, volume_id, lock=True)
-            if vol.status != "available":
-                raise invalid_volume("Volume to be restored to must be available")
-            if backup.size > vol.size:
-                raise invalid_volume(
-                    f"volume size {vol.size} is too small to restore backup of size "
-                    f"{backup.size}."
-                )
-            backup.status, backup.restore_volume_id = "restoring", volume_id
-            backup.updated_at = utcnow()
-            vol.previous_status, vol.status = vol.status, "restoring-backup"
-            vol.updated_at = utcnow()
-            queue_job(s, "restore", backup_id, volume_id, target_is_new=target_is_new)
-            result = RestoreTarget(backup_id, volume_id, vol.display_name)
+            result = self._begin_restore(s, backup, vol, target_is_new=False)
         self.wake_workers()
         return result
+
+    def _begin_restore(
+        self, s: Session, backup: Backup, vol: Any, target_is_new: bool
+    ) -> RestoreTarget:
+        """The target's checks and both transitions, inside the caller's transaction."""
+        volume_id, backup_id = vol.id, backup.id
+        if vol.status != "available":
+            raise invalid_volume("Volume to be restored to must be available")
+        if backup.size > vol.size:
+            raise invalid_volume(
+                f"volume size {vol.size} is too small to restore backup of size "
+                f"{backup.size}."
+            )
+        backup.status, backup.restore_volume_id = "restoring", volume_id
+        backup.updated_at = utcnow()
+        vol.previous_status, vol.status = vol.status, "restoring-backup"
+        vol.updated_at = utcnow()
+        queue_job(s, "restore", backup_id, volume_id, target_is_new=target_is_new)
+        return RestoreTarget(backup_id, volume_id, vol.display_name)
 
     def create_volume_from_backup(
         self, ctx: RequestContext, backup_id: str, size: int | None, **volume: Any
@@ -423,12 +442,18 @@ class BackupService:
             raise invalid_volume(
                 f"volume size {size} is too small to restore backup of size {backup.size}."
             )
-        vol = self.volumes.create(ctx, size, **volume)
-        try:
-            self._start_restore(ctx, backup_id, vol.id, target_is_new=True)
-        except Exception:
-            self.volumes.delete(ctx, vol.id)
-            raise
+        self.volumes.check_placement(volume.pop("volume_type", None),
+                                     volume.pop("availability_zone", None))
+        # One transaction, as for a restore without volume_id: the volume exists only if
+        # the backup was still available when it moved to 'restoring'.
+        with self.volumes.new_files() as made, self.db.session() as s:
+            backup = visible_backup(s, ctx, backup_id, lock=True)
+            if backup.status != "available":
+                raise invalid_backup(f"Backup status must be available and not {backup.status}.")
+            self._check_restorable(backup)
+            vol = self.volumes.new_volume(s, made, ctx, size, **volume)
+            self._begin_restore(s, backup, vol, target_is_new=True)
+        self.wake_workers()
         return vol.id
 
     @staticmethod
@@ -441,7 +466,6 @@ class BackupService:
     # -- admin actions ----------------------------------------------------------------------
 
     def reset_status(self, ctx: RequestContext, backup_id: str, status: str) -> None:
-        ctx.require_admin("volume_extension:backup_admin_actions:reset_status")
         status = status.lower()
         if status not in ("available", "error"):
             raise Invalid(
@@ -449,13 +473,18 @@ class BackupService:
                 f"'{status}' is not a 'backup_status'"
             )
         with self.db.session() as s:
+            # Lookup before policy (Cinder's order, after the body's schema): another
+            # project's backup is 404 to a non-admin, exactly like an id that does not
+            # exist; a 403 would tell them it exists.
             backup = visible_backup(s, ctx, backup_id, lock=True)
+            ctx.require_admin("volume_extension:backup_admin_actions:reset_status")
             backup.status, backup.updated_at = status, utcnow()
 
     def export_record(self, ctx: RequestContext, backup_id: str) -> dict[str, str]:
-        ctx.require_admin("backup:export-import")
         with self.db.session() as s:
+            # Lookup, then policy, then status, in Cinder's order (see reset_status).
             backup = visible_backup(s, ctx, backup_id)
+            ctx.require_admin("backup:export-import")
             if backup.status != "available":
                 raise invalid_backup(
                     f"Backup status must be available and not {backup.status}."
@@ -479,18 +508,23 @@ class BackupService:
             raise invalid_input("Can't parse backup record.") from None
         if not isinstance(record, dict):
             raise invalid_input("Can't parse backup record.")
-        backup_id = record.get("id")
-        if not backup_id:
+        if not record.get("id"):
             raise invalid_input("Provided backup record is missing an id")
-        if not _is_uuid(backup_id):
-            raise invalid_input(f"Backup record id {backup_id!r} is not a UUID.")
+        record = _canonical_ids(record)
+        backup_id = record["id"]
         if "size" not in record:
             raise invalid_input("Provided backup record is missing size attribute")
         size = record["size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise invalid_input("Backup record size must be a non-negative integer.")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= DB_MAX_INT:
+            raise invalid_input(
+                f"Backup record size must be an integer from 0 to {DB_MAX_INT}."
+            )
         with self.db.session() as s:
-            existing = s.get(Backup, backup_id)
+            # Case-insensitive, as Cinder's MySQL compares: a row stored in another case
+            # before ids were made canonical is still this backup.
+            existing = s.scalars(
+                select(Backup).where(func.lower(Backup.id) == backup_id)
+            ).first()
             if existing is not None and not existing.deleted:
                 raise invalid_backup("Backup already exists in database.")
             self.quotas.check_backup(s, ctx.project_id, size)
@@ -515,9 +549,17 @@ class BackupService:
         return backup
 
 
-def _is_uuid(value: Any) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
+def _canonical_ids(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its ids in canonical form (lowercase). Upper- or mixed-case ids are
+    the same ids (Cinder's MySQL compares them case-insensitively), so they are normalised,
+    not refused; anything that is not a hyphenated UUID is refused (400)."""
+    out = dict(record)
+    for name in _RECORD_ID_FIELDS:
+        value = out.get(name)
+        if value is None or (name != "id" and value == ""):
+            continue
+        if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
+            shown = str(value)[:60]
+            raise invalid_input(f"Backup record {name} {shown!r} is not a UUID.")
+        out[name] = value.lower()
+    return out

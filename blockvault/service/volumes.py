@@ -6,7 +6,8 @@ ever seen inside the transaction that makes them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select, update
@@ -18,9 +19,11 @@ from blockvault.service.context import RequestContext
 from blockvault.service.errors import Conflict, Invalid, NotFound, invalid_input, invalid_volume
 from blockvault.service.listing import ListSpec, Page, list_resources
 from blockvault.service.quotas import Quotas
-from blockvault.volume import RawFileDriver
+from blockvault.volume import CapacityError, RawFileDriver
 
 GiB = 1024**3
+#: Cinder's DB_MAX_INT: the largest size (GiB) its schemas accept and its columns hold.
+DB_MAX_INT = 2147483647
 
 #: The one volume type, as Cinder names its default type.
 DEFAULT_VOLUME_TYPE = "__DEFAULT__"
@@ -69,6 +72,28 @@ def visible_snapshot(s: Session, ctx: RequestContext, snapshot_id: str) -> Snaps
     return snap
 
 
+def check_size(size: Any, field: str = "size") -> int:
+    """A volume size in GiB as Cinder's ``volume_size`` schema takes it: an integer
+    1..DB_MAX_INT (a larger one could not even be stored in Cinder's column)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise invalid_input(f"Volume size '{size}' must be an integer and greater than 0.")
+    if size > DB_MAX_INT:
+        raise Invalid(
+            f"Invalid input for field/attribute {field}. Value: {size}. {size} is greater "
+            f"than the maximum of {DB_MAX_INT}"
+        )
+    return size
+
+
+def too_large(exc: CapacityError) -> Invalid:
+    """The answer when the backend's filesystem cannot hold a volume that large (400, like
+    any other size the service cannot honour; the system's reason, never a path)."""
+    return invalid_input(
+        f"A volume of {exc.size_gib} GiB is larger than the volume backend can hold "
+        f"({exc.reason})."
+    )
+
+
 def set_volume_status(s: Session, volume_id: str, expected: Iterable[str], **values: Any) -> bool:
     """One conditional UPDATE: change the row only if its status is one of ``expected``."""
     res = s.execute(
@@ -104,11 +129,8 @@ class VolumeService:
         snapshot_id: str | None = None,
         source_volid: str | None = None,
     ) -> Volume:
-        if volume_type not in (None, DEFAULT_VOLUME_TYPE, DEFAULT_VOLUME_TYPE_ID):
-            raise NotFound(f"Volume type with name {volume_type} could not be found.")
-        if availability_zone and availability_zone != self.availability_zone:
-            raise invalid_input(f"Availability zone '{availability_zone}' is invalid.")
-        with self.db.session() as s:
+        self.check_placement(volume_type, availability_zone)
+        with self.new_files() as made, self.db.session() as s:
             src_path = None
             if snapshot_id:
                 snap = visible_snapshot(s, ctx, snapshot_id)
@@ -126,37 +148,75 @@ class VolumeService:
                 if size < src.size:
                     raise invalid_input("Volume size must not be smaller than the source volume.")
                 src_path = self.driver.volume_path(src.id)
-            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-                raise invalid_input(
-                    f"Volume size '{size}' must be an integer and greater than 0."
-                )
-            self.quotas.check_volume(s, ctx.project_id, size)
-            vol = Volume(
-                project_id=ctx.project_id,
-                user_id=ctx.user_id,
-                size=size,
-                display_name=name,
-                display_description=description,
-                metadata_=dict(metadata or {}),
-                status="creating",
-                availability_zone=self.availability_zone,
-                volume_type=DEFAULT_VOLUME_TYPE,
-                snapshot_id=snapshot_id,
-                source_volid=source_volid,
+            return self.new_volume(
+                s, made, ctx, size, name=name, description=description, metadata=metadata,
+                snapshot_id=snapshot_id, source_volid=source_volid, src_path=src_path,
             )
-            s.add(vol)
-            s.flush()
+
+    def check_placement(self, volume_type: str | None, availability_zone: str | None) -> None:
+        """The one volume type and the one zone this service has."""
+        if volume_type not in (None, DEFAULT_VOLUME_TYPE, DEFAULT_VOLUME_TYPE_ID):
+            raise NotFound(f"Volume type with name {volume_type} could not be found.")
+        if availability_zone and availability_zone != self.availability_zone:
+            raise invalid_input(f"Availability zone '{availability_zone}' is invalid.")
+
+    @contextmanager
+    def new_files(self) -> Iterator[list[str]]:
+        """Volume files made by :meth:`new_volume` inside a transaction; enter this before
+        the transaction's session, so that if it does not commit (a later check fails, the
+        commit itself fails) the files go too and nothing is left behind."""
+        made: list[str] = []
+        try:
+            yield made
+        except BaseException:
+            for volume_id in made:
+                self.driver.delete(volume_id)
+            raise
+
+    def new_volume(
+        self,
+        s: Session,
+        made: list[str],
+        ctx: RequestContext,
+        size: Any,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        snapshot_id: str | None = None,
+        source_volid: str | None = None,
+        src_path: Any = None,
+    ) -> Volume:
+        """An ``available`` volume inside the caller's transaction ``s``: quota checked, row
+        added, file made (its id appended to ``made``, see :meth:`new_files`)."""
+        size = check_size(size)
+        self.quotas.check_volume(s, ctx.project_id, size)
+        vol = Volume(
+            project_id=ctx.project_id,
+            user_id=ctx.user_id,
+            size=size,
+            display_name=name,
+            display_description=description,
+            metadata_=dict(metadata or {}),
+            status="creating",
+            availability_zone=self.availability_zone,
+            volume_type=DEFAULT_VOLUME_TYPE,
+            snapshot_id=snapshot_id,
+            source_volid=source_volid,
+        )
+        s.add(vol)
+        s.flush()
+        try:
             if src_path is None:
                 self.driver.create(vol.id, size)
             else:
                 self.driver.create_from(vol.id, size, src_path)
-            vol.status = "available"
-            vol.updated_at = utcnow()
+        except CapacityError as exc:
+            raise too_large(exc) from None  # the driver left no file; the row rolls back
+        made.append(vol.id)
+        vol.status = "available"
+        vol.updated_at = utcnow()
         return vol
-
-    def create_for_restore(self, ctx: RequestContext, size: int, name: str) -> Volume:
-        """A target volume for a restore without ``volume_id`` (reference §7.5)."""
-        return self.create(ctx, size, name, "auto-created_from_restore_from_backup")
 
     def get(self, ctx: RequestContext, volume_id: str) -> Volume:
         with self.db.session() as s:
@@ -186,6 +246,19 @@ class VolumeService:
             )
             deletable = ("available", "error", "error_restoring", "error_extending")
             if vol.status not in deletable or (snaps and not cascade):
+                raise invalid_volume(_NOT_DELETABLE)
+            # Cascade takes the snapshots only if each could be deleted on its own (Cinder's
+            # volume_has_undeletable_snapshots_filter): one being backed up, or in any other
+            # status but available/error, keeps the volume, so no backup loses its source.
+            if any(snap.status not in ("available", "error") for snap in snaps) or (
+                snaps and s.scalar(
+                    select(Backup.id).where(
+                        Backup.snapshot_id.in_([snap.id for snap in snaps]),
+                        Backup.status == "creating",
+                        Backup.deleted.is_(False),
+                    )
+                )
+            ):
                 raise invalid_volume(_NOT_DELETABLE)
             now = utcnow()
             for snap in snaps:
@@ -221,14 +294,20 @@ class VolumeService:
                     f"New size for extend must be greater than current size. (current: "
                     f"{vol.size}, extended: {new_size})."
                 )
+            check_size(new_size, "new_size")
             self.quotas.check_extend(s, ctx.project_id, new_size - vol.size)
-            self.driver.extend(vol.id, new_size)
+            try:
+                self.driver.extend(vol.id, new_size)
+            except CapacityError as exc:
+                raise too_large(exc) from None  # file unchanged; the transaction rolls back
             vol.size, vol.updated_at = new_size, utcnow()
 
     def reset_status(self, ctx: RequestContext, volume_id: str, status: str) -> None:
-        ctx.require_admin("volume_extension:volume_admin_actions:reset_status")
         with self.db.session() as s:
+            # Lookup before policy, as Cinder: another project's id is 404 to a non-admin,
+            # exactly like an id that does not exist, so the 403 cannot reveal it.
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.require_admin("volume_extension:volume_admin_actions:reset_status")
             vol.status, vol.updated_at = status, utcnow()
 
     # -- volume data (blockvault extension) ---------------------------------------------
@@ -256,19 +335,31 @@ class VolumeService:
                     f"{vol.status}."
                 )
         try:
-            return self.driver.write(volume_id, offset, _bounded(chunks, size - offset, volume_id))
+            if length is not None:
+                # Checked up front above; the bound only guards a body longer than declared.
+                return self.driver.write(
+                    volume_id, offset, _bounded(chunks, size - offset, volume_id)
+                )
+            # No length (chunked transfer): the end is known only when the stream reaches
+            # it. The chunk that would pass the volume's end is refused unwritten, and the
+            # ones before it are rolled back, so a refused write changes no byte.
+            return self.driver.write(
+                volume_id, offset, _bounded(chunks, size - offset, volume_id), atomic=True
+            )
         finally:
             with self.db.session() as s:
                 set_volume_status(s, volume_id, ("uploading",), status="available")
 
     def read_data(
-        self, ctx: RequestContext, volume_id: str, start: int, end: int | None
+        self, ctx: RequestContext, volume_id: str,
+        choose: Callable[[int], tuple[int, int]] = lambda size: (0, size),
     ) -> tuple[int, int, int, Iterator[bytes]]:
-        """Returns (start, end exclusive, volume size in bytes, chunks)."""
+        """Returns (start, end exclusive, volume size in bytes, chunks). ``choose`` picks
+        the byte range from the volume's size (or raises, e.g. for an unsatisfiable one)."""
         vol = self.get(ctx, volume_id)
         size = vol.size * GiB
-        end = size if end is None else min(end, size)
-        if start < 0 or start >= size or end <= start:
+        start, end = choose(size)
+        if start < 0 or end > size or end < start:
             raise Invalid(f"Range {start}-{end} is outside volume {volume_id} ({size} bytes).")
         return start, end, size, self.driver.read(volume_id, start, end)
 
