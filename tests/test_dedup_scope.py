@@ -263,7 +263,8 @@ def prescope(tmp_path: Path):
     return LocalBackend(tmp_path / "store"), info
 
 
-@pytest.mark.parametrize("container,key", [("plain", None), ("sealed", KEY)])
+@pytest.mark.parametrize("container,key", [("plain", None), ("sealed", KEY)],
+                         ids=["plain", "encrypted"])
 def test_prescope_backups_restore_verify_and_serve_as_parents(prescope, tmp_path: Path,
                                                               container, key) -> None:
     store, info = prescope
@@ -304,6 +305,43 @@ def test_prescope_incremental_still_restores(prescope, tmp_path: Path) -> None:
     eng = engine(store, tmp_path)
     assert restored(eng, "plain", "old-inc", tmp_path) == info["old-inc"]
     assert eng.read_record(container="plain", backup_id="old-inc") == {"id": "old-inc"}
+
+
+# -- through the API ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["project", "container"])
+def test_api_object_count_does_not_reveal_other_projects_data(tmp_path: Path, scope) -> None:
+    """Two projects back up volumes holding the same bytes: under the default (project)
+    scope the second backup's object_count and size are the first's, so it cannot tell
+    the other project holds them; a deployment set to "container" deduplicates them."""
+    from tests.server import Server
+
+    env = {} if scope == "project" else {"BLOCKVAULT_DEDUP_SCOPE": "container"}
+    srv = Server(tmp_path / "srv", env).start()
+    try:
+        data = volume_bytes(7)
+        got = []
+        for project in ("tenant-one", "tenant-two"):
+            api = srv.client("alice", project)
+            vol = api.create_volume(1)
+            api.write(vol, 0, data)
+            backup = api.create_backup(vol)
+            got.append(api.get(f"/backups/{backup}").json()["backup"])
+        one, two = got
+        assert one["object_count"] >= 1
+        if scope == "project":
+            assert two["object_count"] == one["object_count"]
+        else:
+            assert two["object_count"] == 0
+        # and the second project's backup restores byte-exact
+        api = srv.client("alice", "tenant-two")
+        target = api.restore(two["id"])
+        h = hashlib.sha256(data)
+        h.update(bytes(1024**3 - len(data)))
+        assert api.volume_sha256(target) == h.hexdigest()
+    finally:
+        srv.stop()
 
 
 if __name__ == "__main__":
