@@ -56,8 +56,13 @@ def serve(config_file: str | None, host: str | None, port: int | None, data_dir:
         f"(data in {settings.data_dir}, store: {settings.store})",
         err=True,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                access_log=False)
+    # Forwarded headers are ours to judge (api/proxies.py, from trusted_proxies only):
+    # uvicorn's own handling would believe any local peer's X-Forwarded-Proto/-For.
+    from blockvault.api.proxies import TrustedProxies
+
+    uvicorn.run(TrustedProxies(app, settings.trusted_proxies), host=settings.host,
+                port=settings.port, log_level=log_level, access_log=False,
+                proxy_headers=False)
 
 
 # -- client ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -17,11 +18,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from blockvault.api.faults import INTERNAL_ERROR, HTTPFault, fault_response, service_fault
+from blockvault.api.faults import (
+    INTERNAL_ERROR,
+    HTTPFault,
+    SafeJSONResponse,
+    fault_response,
+    service_fault,
+)
+from blockvault.api.proxies import FORWARDED_HOST
 from blockvault.api.versions import fmt, negotiate
 from blockvault.api.views import Links
 from blockvault.service.context import RequestContext
 from blockvault.service.errors import ServiceError
+from blockvault.store import StoreError
 
 log = logging.getLogger("blockvault.api")
 
@@ -64,13 +73,21 @@ class Endpoint:
     quota_prefix: bool = True
 
 
+#: JSON nested deeper than this is refused. Valid bodies nest 3 levels (an action's
+#: metadata); 64 is far above that and far below the parser's and jsonschema's recursion
+#: limits, where deep nesting was a 500 with a traceback.
+MAX_JSON_DEPTH = 64
+MALFORMED = "Malformed request body"
+
+
 def public_base(request: Request, public_endpoint: str) -> str:
-    """scheme://host[:port][/prefix] for links (reference §3.1)."""
+    """scheme://host[:port][/prefix] for links (reference §3.1). A forwarded host counts
+    only when a trusted proxy sent it (``api.proxies``); the scheme is the request's, which
+    that middleware sets from a trusted ``X-Forwarded-Proto``."""
     root = request.scope.get("root_path", "").rstrip("/")
     if public_endpoint:
         return public_endpoint.rstrip("/") + root
-    host = request.headers.get("x-forwarded-host")
-    host = host.split(",")[-1].strip() if host else request.headers.get("host", "localhost")
+    host = request.scope.get(FORWARDED_HOST) or request.headers.get("host", "localhost")
     return f"{request.url.scheme}://{host}{root}"
 
 
@@ -86,6 +103,78 @@ def resolve_context(request: Request, admin_users: list[str]) -> RequestContext:
     return RequestContext(user_id=user, project_id=project, is_admin=user in admin_users)
 
 
+def _too_large(limit: int) -> HTTPFault:
+    # Cinder's sizelimit middleware says "Request is too large."; the limit is added so a
+    # person knows what fits. No Retry-After: the same request will never fit. The
+    # connection is closed, so the unread rest of the body is not read at all.
+    return HTTPFault(413, f"Request is too large. A request body may be at most {limit} bytes.",
+                     headers={"Connection": "close"})
+
+
+async def read_bounded_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass ``limit`` bytes: at once
+    from ``Content-Length``, or while streaming one without (chunked). It is never held
+    in memory whole beyond the limit."""
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _not_json_constant(name: str) -> Any:
+    # NaN and Infinity are Python's extensions, not JSON (RFC 8259)
+    raise ValueError(name)
+
+
+def _finite(text: str) -> float:
+    # 1e400 is valid JSON that Python reads as inf, which no field accepts
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _check_parsed(value: Any) -> None:
+    """Depth and text checks on a parsed body, without recursion (that is the point)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise HTTPFault(400, f"{MALFORMED}: nested more than {MAX_JSON_DEPTH} levels.")
+            if isinstance(item, dict):
+                for key in item:
+                    _check_text(key)
+                children = item.values()
+            else:
+                children = item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _check_text(text: str) -> None:
+    """A string is refused unless it is Unicode text a database stores: ``"\\ud800"`` (a
+    lone surrogate) has no UTF-8 form and NUL is refused by PostgreSQL's text type."""
+    if text.isascii():
+        if "\x00" in text:
+            raise HTTPFault(400, f"{MALFORMED}: strings must not contain NUL characters.")
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPFault(
+            400, f"{MALFORMED}: strings must be Unicode text (a lone surrogate is not)."
+        ) from None
+
+
 def _parse_json_body(request: Request, raw: bytes) -> Any:
     ctype = request.headers.get("content-type")
     if ctype is None:
@@ -98,14 +187,19 @@ def _parse_json_body(request: Request, raw: bytes) -> Any:
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json_constant, parse_float=_finite)
+    except RecursionError:
+        raise HTTPFault(400, f"{MALFORMED}: nested more than {MAX_JSON_DEPTH} levels.") from None
     except (UnicodeDecodeError, ValueError):
-        raise HTTPFault(400, "Malformed request body") from None
+        raise HTTPFault(400, MALFORMED) from None
+    _check_parsed(body)
+    return body
 
 
 def make_routes(endpoints: list[Endpoint], services: Any) -> list[Route]:
     settings = services.settings
-    project_re = re.compile(rf"^{settings.project_id_regex}$")
+    # matched with fullmatch: "$" would also accept a trailing newline
+    project_re = re.compile(settings.project_id_regex)
     routes: list[Route] = []
     # Project-less v3 routes first (3.67 style) so "/v3/backups" never reads as a project.
     prefixes = [("v3", False), ("v3", True), ("v2", True)]
@@ -136,7 +230,7 @@ def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project
             path = dict(request.path_params)
             url_project = path.pop("project_id", None)
             if url_project is not None and (
-                url_project != ctx.project_id or not project_re.match(url_project)
+                url_project != ctx.project_id or not project_re.fullmatch(url_project)
             ):
                 raise HTTPFault(400, "Malformed request url")
             if version < ep.min_version:
@@ -153,7 +247,8 @@ def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project
                 services=services,
             )
             if ep.body == "json":
-                call.body = _parse_json_body(request, await request.body())
+                raw = await read_bounded_body(request, settings.max_request_body_size)
+                call.body = _parse_json_body(request, raw)
             if ep.is_async:
                 response = await ep.handler(call)
             else:
@@ -166,6 +261,10 @@ def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project
             response = fault_response(exc.status, exc.message)
         except ServiceError as exc:
             response = service_fault(exc, ep.quota_prefix)
+        except StoreError as exc:
+            # The store's text names its endpoint or paths: the operator's, in the log.
+            log.warning("%s %s: object store: %s", request.method, request.url.path, exc)
+            response = fault_response(503, "The object store is not available. Try again later.")
         except Exception:
             log.exception("%s %s failed", request.method, request.url.path)
             response = fault_response(500, INTERNAL_ERROR)
@@ -190,11 +289,11 @@ def list_response(call: Call, collection: str, page: Any, items: list, detail: b
         body[f"{collection}_links"] = [
             call.links.next(collection, detail, call.query, page.items[-1].id)
         ]
-    return JSONResponse(body)
+    return SafeJSONResponse(body)
 
 
 def json_response(body: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status)
+    return SafeJSONResponse(body, status)
 
 
 def accepted() -> Response:

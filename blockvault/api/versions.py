@@ -8,7 +8,7 @@ from blockvault.api.faults import HTTPFault
 
 MIN_VERSION = (3, 0)
 MAX_VERSION = (3, 71)
-_VERSION_RE = re.compile(r"^([1-9]\d*)\.([1-9]\d*|0)$")
+_VERSION_RE = re.compile(r"([1-9]\d*)\.([1-9]\d*|0)")  # fullmatch: "$" passes "\n"
 
 
 def fmt(version: tuple[int, int]) -> str:
@@ -29,7 +29,7 @@ def negotiate(header: str | None) -> tuple[int, int]:
         return MIN_VERSION
     if wanted.lower() == "latest":
         return MAX_VERSION
-    m = _VERSION_RE.match(wanted)
+    m = _VERSION_RE.fullmatch(wanted)
     if not m:
         raise HTTPFault(
             400,

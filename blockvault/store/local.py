@@ -46,7 +46,8 @@ from blockvault.store.base import (
 )
 
 # Container names become directory names: keep them to one safe path component.
-_CONTAINER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+# matched with fullmatch: "$" also passes a final newline ("abc\n")
+_CONTAINER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _DIRECT_MIN = 1024 * 1024
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -330,7 +331,7 @@ class LocalBackend(Backend):
         self.root = Path(root)
 
     def validate_container_name(self, container: str) -> str | None:
-        if not _CONTAINER_RE.match(container) or container in (".", ".."):
+        if not _CONTAINER_RE.fullmatch(container) or container in (".", ".."):
             return (
                 "container names for the local store must be 1-255 characters of letters, "
                 "digits, '.', '_' and '-', starting with a letter or digit"

@@ -44,7 +44,8 @@ from blockvault.store.base import (
     file_md5,
 )
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# matched with fullmatch: "$" also passes a final newline ("abc\n")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchBucket"}
 _AUTH_CODES = {
@@ -106,7 +107,7 @@ def bucket_name_problem(name: str) -> str | None:
     """Why ``name`` is not a valid S3 bucket name (the DNS-compatible rules), or ``None``."""
     if not 3 <= len(name) <= 63:
         return f"S3 bucket names must be 3-63 characters long (got {len(name)})"
-    if not _BUCKET_RE.match(name):
+    if not _BUCKET_RE.fullmatch(name):
         return (
             "S3 bucket names may contain only lowercase letters, digits, '.' and '-', "
             "and must start and end with a letter or digit"

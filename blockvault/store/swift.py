@@ -478,6 +478,10 @@ class SwiftBackend(Backend):
             return "Swift container names must be at most 256 bytes (UTF-8)"
         if container in (".", ".."):
             return "Swift container names must not be '.' or '..'"
+        # Swift itself takes most of these, but a name with a newline or NUL is a mistake
+        # (or a log injection), never a container anyone means to use.
+        if not container.isprintable():
+            return "Swift container names must not contain control characters"
         return None
 
     def open(self, container: str, create: bool = True) -> Container:
