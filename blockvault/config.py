@@ -4,6 +4,7 @@ then command-line options — each later source overriding the earlier ones."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -32,6 +33,12 @@ class Settings:
     default_container: str = "volumebackups"
     osapi_max_limit: int = 1000
     project_id_regex: str = r"[0-9a-zA-Z_\-]+"
+    #: bytes a JSON request body may have (Cinder's osapi_max_request_body_size); larger
+    #: ones get 413 before they are read. The volume data upload is bounded by the volume.
+    max_request_body_size: int = 114688
+    #: addresses/CIDR networks of reverse proxies whose X-Forwarded-For/-Proto/-Host are
+    #: believed; from anyone else those headers are ignored
+    trusted_proxies: list[str] = field(default_factory=list)
     # Worker pool
     backup_workers: int = 2
     job_lease_seconds: int = 60
@@ -172,4 +179,18 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     for source in sources:
         for key, value in source.items():
             setattr(settings, key, _coerce(value, getattr(settings, key), key))
+    _check(settings)
     return settings
+
+
+def _check(settings: Settings) -> None:
+    """Refuse at start-up the settings that would otherwise fail on the first request."""
+    if settings.max_request_body_size < 1:
+        raise ValueError("max_request_body_size must be a positive number of bytes")
+    for entry in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"trusted_proxies: {entry!r} is not an IP address or network"
+            ) from None
