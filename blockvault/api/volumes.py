@@ -19,7 +19,7 @@ from blockvault.api.views import (
     volume_summary,
 )
 from blockvault.service.errors import Invalid, NotFound, invalid_input
-from blockvault.service.volumes import DEFAULT_VOLUME_TYPE_ID, check_size
+from blockvault.service.volumes import DB_MAX_INT, DEFAULT_VOLUME_TYPE_ID, check_size
 
 # Volume bodies are checked field by field rather than with additionalProperties=false:
 # clients send many keys this service has no use for (imageRef, multiattach, ...).
@@ -106,6 +106,11 @@ def _size(value: Any, field: str = "size") -> int:
     """A size as Cinder's ``volume_size`` schema takes it: an integer, or a string of
     digits, from 1 to DB_MAX_INT (2147483647) GiB."""
     if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        if len(value) > 20:  # past any 64-bit number; int() refuses past 4300 digits
+            raise Invalid(
+                f"Invalid input for field/attribute {field}. Value: {_excerpt(value)}. "
+                f"{_excerpt(value)} is greater than the maximum of {DB_MAX_INT}"
+            )
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise invalid_input(
@@ -114,9 +119,15 @@ def _size(value: Any, field: str = "size") -> int:
     return check_size(value, field)
 
 
+def _bounded_int(digits: str) -> int:
+    """``int(digits)``, except that a number too long to matter (Python refuses to parse
+    past 4300 digits) is read as one larger than any size or offset this service holds."""
+    return int(digits) if len(digits) <= 20 else 1 << 70
+
+
 def _excerpt(value: Any) -> str:
     text = str(value)
-    return text if len(text) <= 60 else text[:60] + "..."
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 # -- volumes ----------------------------------------------------------------------------
@@ -245,7 +256,7 @@ async def write_data(call: Call) -> Response:
     chunks = _SyncStream(call.request.stream())
     await run_in_threadpool(
         call.services.volumes.write_data, call.ctx, call.path["volume_id"], offset,
-        int(length) if length is not None else None, chunks,
+        _bounded_int(length.strip()) if length is not None else None, chunks,
     )
     return Response(status_code=204)
 
@@ -286,16 +297,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None  # malformed, or a list of ranges
     first, last = m.group(1), m.group(2)
     if first:
-        start = int(first)
-        if last and int(last) < start:
+        start = _bounded_int(first)
+        if last and _bounded_int(last) < start:
             return None  # inverted: invalid, so ignored
-        end = size if not last else min(int(last) + 1, size)
+        end = size if not last else min(_bounded_int(last) + 1, size)
         if start >= size:
             raise _unsatisfiable(header, size)
         return start, end
     if not last:
         return None  # "bytes=-"
-    n = int(last)
+    n = _bounded_int(last)
     if n == 0:
         raise _unsatisfiable(header, size)
     return max(0, size - n), size

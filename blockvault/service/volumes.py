@@ -75,11 +75,16 @@ def visible_snapshot(s: Session, ctx: RequestContext, snapshot_id: str) -> Snaps
 def check_size(size: Any, field: str = "size") -> int:
     """A volume size in GiB as Cinder's ``volume_size`` schema takes it: an integer
     1..DB_MAX_INT (a larger one could not even be stored in Cinder's column)."""
+    try:
+        shown = str(size)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        shown = "a number of more than 4300 digits"
+    shown = shown if len(shown) <= 40 else shown[:40] + "..."
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise invalid_input(f"Volume size '{size}' must be an integer and greater than 0.")
+        raise invalid_input(f"Volume size '{shown}' must be an integer and greater than 0.")
     if size > DB_MAX_INT:
         raise Invalid(
-            f"Invalid input for field/attribute {field}. Value: {size}. {size} is greater "
+            f"Invalid input for field/attribute {field}. Value: {shown}. {shown} is greater "
             f"than the maximum of {DB_MAX_INT}"
         )
     return size
