@@ -189,6 +189,45 @@ def test_concurrent_restores_leave_no_orphan_volumes(server, alice, admin):
         assert volume_files(server) - files_before == ids - {src}
 
 
+def test_concurrent_volume_creates_from_one_backup_leave_no_orphans(server, alice, admin):
+    """Volume create with ``backup_id`` (3.47) makes its volume in the same transaction as
+    the backup's move to 'restoring'. (A regression guard: the code before compensated by
+    deleting the volume afterwards, which this also passed.)"""
+    unlimited(admin, alice.project)
+    src = alice.create_volume(1)
+    backup = alice.create_backup(src)
+    files_before = volume_files(server)
+    won_total = 0
+    for _ in range(2):
+        barrier = threading.Barrier(12)
+        results: list = [None] * 12
+
+        def go(i: int, barrier=barrier, results=results) -> None:
+            client = server.client("alice", alice.project, version="3.47")
+            barrier.wait()
+            results[i] = client.post("/volumes", {"volume": {"size": 1, "backup_id": backup}})
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [r.json()["volume"]["id"] for r in results if r.status_code == 202]
+        for r in results:
+            if r.status_code != 202:
+                assert fault(r, 400, "badRequest").startswith(
+                    "Invalid backup: Backup status must be available")
+        assert len(won) >= 1
+        won_total += len(won)
+        for vid in won:
+            alice.wait("volume", vid, {"available"})
+        alice.wait("backup", backup, {"available"})
+        ids = {v["id"] for v in alice.get("/volumes").json()["volumes"]}
+        assert len(ids) == 1 + won_total, (len(ids), won_total)
+        assert usage(alice) == {"volumes": 1 + won_total, "gigabytes": 1 + won_total}
+        assert volume_files(server) - files_before == ids - {src}
+
+
 # -- 5. chunked write past the volume's end ----------------------------------------------------
 
 
