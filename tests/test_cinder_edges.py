@@ -315,6 +315,13 @@ def test_range_requests_follow_rfc_9110(alice):
     assert r.status_code == 206 and _sha(r.content) == _sha(tail[-1000:])
     assert r.headers["Content-Range"] == f"bytes {GiB - 1000}-{GiB - 1}/{GiB}"
 
+    # Not bytes, or not ASCII digits: ignored (status and length only; hashed just below).
+    for header in (b"items=0-5", b"bytes=\xb2-5", b"bytes=0-\xb2", b"bytes=-"):
+        with alice.http.stream("GET", f"{alice.base}/volumes/{vol}/data",
+                               headers={"Range": header}) as r:
+            assert r.status_code == 200, (header, r.status_code)
+            assert int(r.headers["content-length"]) == GiB
+
     # Invalid (inverted) and multiple ranges are ignored: 200 and the whole volume.
     for header in ("bytes=10-5", "bytes=0-9,20-29"):
         status, headers, digest = _whole(alice, vol, header)

@@ -239,7 +239,7 @@ def volume_action(call: Call) -> Response:
 # -- volume data (blockvault extension) ------------------------------------------------------
 
 #: One byte-range-spec (``a-b``, ``a-``) or suffix-range (``-n``); a list does not match.
-_RANGE_RE = re.compile(r"(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits only, as RFC 9110
 
 
 async def write_data(call: Call) -> Response:
@@ -251,7 +251,7 @@ async def write_data(call: Call) -> Response:
     if ctype.split(";")[0].strip().lower() != "application/octet-stream":
         raise HTTPFault(415, "Unsupported Content-Type")
     length = call.request.headers.get("content-length")
-    if length is not None and not length.strip().isdigit():
+    if length is not None and not re.fullmatch(r"[0-9]+", length.strip()):
         raise HTTPFault(400, "Content-Length must be a non-negative integer.")
     chunks = _SyncStream(call.request.stream())
     await run_in_threadpool(
