@@ -22,7 +22,7 @@ from blockvault.api import schemas
 from blockvault.api.faults import fault_response
 from blockvault.api.http import Endpoint, make_routes
 from blockvault.config import load_settings
-from blockvault.db.models import Backup, Volume
+from blockvault.db.models import Backup, Snapshot, Volume
 from blockvault.store import StoreUnavailable
 from tests.server import Server
 
@@ -407,7 +407,14 @@ def test_every_sort_key_pages_completely_with_a_marker(local, root):
     backups = [admin.create_backup(vols[i % 2], name=f"b{i % 2}") for i in range(3)]
     admin.post(f"/backups/{backups[0]}/action",
                {"os-reset_status": {"status": "error"}})
-    for model, collection, expected in [(Volume, "volumes", vols), (Backup, "backups", backups)]:
+    snaps = []
+    for i in range(3):
+        r = admin.post("/snapshots", {"snapshot": {"volume_id": vols[2 + i],
+                                                   "name": None if i else "s"}})
+        assert r.status_code == 202, r.text
+        snaps.append(r.json()["snapshot"]["id"])
+    for model, collection, expected in [(Volume, "volumes", vols), (Backup, "backups", backups),
+                                        (Snapshot, "snapshots", snaps)]:
         for key in sortable(model):
             for direction in ("asc", "desc"):
                 sort = f"{key}:{direction}"
