@@ -228,6 +228,7 @@ def test_lone_surrogate_values_are_refused_with_a_json_400(local, user):
         ("/volumes", '{"volume": {"size": 1, "metadata": {"k": "\\ud800"}}}'),
         ("/volumes", '{"volume": {"size": 1, "metadata": {"\\ud800": "v"}}}'),
         ("/volumes", '{"volume": {"size": 1, "name": "nul\\u0000"}}'),
+        ("/volumes", '{"volume": {"size": 1, "name": "\\u00e9\\u0000"}}'),
     ]:
         r = post_raw(user, path, raw.encode())
         assert fault(r, 400, "badRequest").startswith("Malformed request body"), raw
@@ -238,7 +239,7 @@ def test_lone_surrogate_values_are_refused_with_a_json_400(local, user):
     assert len(user.get("/volumes").json()["volumes"]) == 1
     assert user.get("/backups").json()["backups"] == []
     # a surrogate pair is a proper character and is kept
-    r = post_raw(user, "/volumes", '{"volume": {"size": 1, "name": "\\ud83d\\ude00"}}'.encode())
+    r = post_raw(user, "/volumes", b'{"volume": {"size": 1, "name": "\\ud83d\\ude00"}}')
     assert r.status_code == 202 and r.json()["volume"]["name"] == "\U0001f600"
     no_traceback(local)
 

@@ -163,9 +163,9 @@ def _check_parsed(value: Any) -> None:
 def _check_text(text: str) -> None:
     """A string is refused unless it is Unicode text a database stores: ``"\\ud800"`` (a
     lone surrogate) has no UTF-8 form and NUL is refused by PostgreSQL's text type."""
+    if "\x00" in text:
+        raise HTTPFault(400, f"{MALFORMED}: strings must not contain NUL characters.")
     if text.isascii():
-        if "\x00" in text:
-            raise HTTPFault(400, f"{MALFORMED}: strings must not contain NUL characters.")
         return
     try:
         text.encode("utf-8")
