@@ -206,7 +206,7 @@ class Engine:
         only against blocks stored under the same scope, so its counts, sizes and timings
         do not depend on what other scopes stored. None, or ``dedup_scope = "container"``,
         deduplicates across the whole container (the ids of backups from before scopes).
-        A parent of another scope is used for nothing but its id (a full read).
+        A parent of another scope is only named as the parent: the volume is read whole.
 
         ``changed`` (with ``parent_id``) is the caller's promise that only those byte ranges
         (offset, length) may differ from the parent backup's data: every block outside them
