@@ -116,7 +116,9 @@ async def read_bounded_body(request: Request, limit: int) -> bytes:
     from ``Content-Length``, or while streaming one without (chunked). It is never held
     in memory whole beyond the limit."""
     length = request.headers.get("content-length")
-    if length is not None and length.strip().isdigit() and int(length) > limit:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+    if length is not None and length.isascii() and length.strip().isdigit() \
+            and int(length) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
