@@ -135,30 +135,36 @@ def _query(name: str, schema: Schema, description: str = "") -> Schema:
 _BOOL_STRING: Schema = {"type": "string", "description": "a boolean string (true/false/1/0...)"}
 
 
-def _list_params(user_filters: tuple[str, ...]) -> list[Schema]:
+def _list_params(spec: Any) -> list[Schema]:
+    # sort keys: the columns of the listed table, and "name" (3.37+)
+    keys = "|".join(sorted({*(c.key for c in spec.model.__table__.columns), *spec.renames}))
+    key_dir = rf"({keys})(:(asc|desc))?"
     params = [
         _query("limit", {"type": "integer", "minimum": 0},
                "page size; capped at osapi_max_limit"),
         _query("marker", {"type": "string"}, "id of the last item of the previous page"),
         _query("offset", {"type": "integer", "minimum": 0, "maximum": 2147483647}),
-        _query("sort", {"type": "string"}, "key[:asc|desc][,key[:dir]...]"),
-        _query("sort_key", {"type": "string"}, "deprecated; not with sort"),
+        _query("sort", {"type": "string", "pattern": rf"^{key_dir}(,{key_dir})*$"},
+               "key[:asc|desc][,key[:dir]...]; keys are the resource's columns"),
+        _query("sort_key", {"type": "string", "pattern": rf"^({keys})$"},
+               "deprecated; not with sort"),
         _query("sort_dir", {"type": "string", "enum": ["asc", "desc"]},
                "deprecated; not with sort"),
         _query("all_tenants", _BOOL_STRING, "admin only; ignored for others"),
         _query("with_count", _BOOL_STRING, "3.45+: add the total as count"),
     ]
-    params += [_query(f, {"type": "string"}, "filter (resource_filters)") for f in user_filters]
+    params += [_query(f, {"type": "string"}, "filter (resource_filters)")
+               for f in spec.user_filters]
     return params
 
 
 QUERY_PARAMS: dict[Callable, list[Schema]] = {
-    backups.list_summary: _list_params(BACKUP_LIST.user_filters),
-    backups.list_detail: _list_params(BACKUP_LIST.user_filters),
-    volumes.list_volumes: _list_params(VOLUME_LIST.user_filters),
-    volumes.list_volumes_detail: _list_params(VOLUME_LIST.user_filters),
-    volumes.list_snapshots: _list_params(SNAPSHOT_LIST.user_filters),
-    volumes.list_snapshots_detail: _list_params(SNAPSHOT_LIST.user_filters),
+    backups.list_summary: _list_params(BACKUP_LIST),
+    backups.list_detail: _list_params(BACKUP_LIST),
+    volumes.list_volumes: _list_params(VOLUME_LIST),
+    volumes.list_volumes_detail: _list_params(VOLUME_LIST),
+    volumes.list_snapshots: _list_params(SNAPSHOT_LIST),
+    volumes.list_snapshots_detail: _list_params(SNAPSHOT_LIST),
     volumes.delete_volume: [_query("cascade", _BOOL_STRING, "also delete its snapshots")],
     volumes.show_quotas: [_query("usage", _BOOL_STRING, "limits with usage")],
     volumes.resource_filters: [_query("resource", {"type": "string"})],
@@ -168,8 +174,9 @@ QUERY_PARAMS: dict[Callable, list[Schema]] = {
 HEADER_PARAMS: dict[Callable, list[Schema]] = {
     volumes.read_data: [{
         "name": "Range", "in": "header", "required": False,
-        "schema": {"type": "string"},
-        "description": "RFC 9110 byte range, e.g. bytes=0-4095, bytes=4096-, bytes=-512",
+        "schema": {"type": "string", "pattern": r"^bytes=(\d*-\d*)(, ?\d*-\d*)*$"},
+        "description": "RFC 9110 byte range, e.g. bytes=0-4095, bytes=4096-, bytes=-512; "
+                       "an invalid one is ignored",
     }],
 }
 
