@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 
 from blockvault.engine import Engine, EngineConfig
@@ -173,6 +174,26 @@ def test_scoped_manifest_has_its_own_version(store, tmp_path: Path) -> None:
     eng.backup(container="c", backup_id="a", source=src, size=SIZE, scope="p")
     raw = (store.root / "c" / "manifests" / "a").read_bytes()
     assert int.from_bytes(raw[4:6], "little") == 2
+
+
+def test_scope_ids_are_unrelated_and_keyed_by_the_container_key() -> None:
+    from blockvault.engine.crypto import Crypto
+
+    block = volume_bytes(1)[:BS]
+    plain, sealed = Crypto(None), Crypto(KEY)
+    ids = {
+        plain.block_id(block),  # container-wide, unencrypted: plain BLAKE3 as before
+        sealed.block_id(block),  # container-wide, encrypted: the block id key as before
+        plain.scoped("p1").block_id(block),
+        plain.scoped("p2").block_id(block),
+        sealed.scoped("p1").block_id(block),  # needs the master key to compute
+        Crypto(bytes(32)).scoped("p1").block_id(block),
+    }
+    assert len(ids) == 6
+    assert plain.block_id(block) == blake3.blake3(block).digest()
+    assert plain.scoped(None) is plain and plain.scoped("p1").scoped(None) is plain
+    assert sealed.scoped("p1").scoped("p2").block_id(block) == sealed.scoped("p2").block_id(
+        block)
 
 
 def test_bad_scope_names_are_refused_before_storing(store, tmp_path: Path) -> None:
