@@ -45,6 +45,8 @@ class Settings:
     #: seconds between runs of the maintenance timer (garbage collections owed, worker
     #: supervision); 0 = min(60, gc_grace / 4), at least 1
     maintenance_interval: float = 0.0
+    #: seconds finished jobs are kept before the maintenance timer prunes them (0 = forever)
+    job_retention: float = 259200.0
     # Quotas (Cinder's defaults)
     quota_volumes: int = 10
     quota_snapshots: int = 10
@@ -84,6 +86,10 @@ class Settings:
     gc_grace: float = 3600.0
     #: seconds the store's listings may lag behind its writes (Swift's do)
     store_lag: float = 300.0
+    #: "project": a backup deduplicates only against its own project's blocks, so nothing
+    #: a tenant observes depends on another's data; "container": across every project
+    #: (single-tenant deployments). See docs/configuration.md.
+    dedup_scope: str = "project"
     #: Path of a file holding the 32-byte encryption key (raw or hex); empty = no encryption.
     encryption_key_file: str = ""
     #: The key itself as 64 hex characters (prefer the file; never logged).

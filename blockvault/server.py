@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from blockvault.api import backups as backup_routes
 from blockvault.api import health as health_routes
+from blockvault.api import openapi as openapi_routes
 from blockvault.api import volumes as volume_routes
 from blockvault.api.faults import HTTPFault, fault_response
 from blockvault.api.http import make_routes, public_base
@@ -53,6 +54,7 @@ def make_engine(settings: Settings, backend: Backend) -> Engine:
             encryption_key=settings.encryption_key_bytes(),
             gc_grace=settings.gc_grace,
             store_lag=settings.store_lag,
+            dedup_scope=settings.dedup_scope,
         ),
     )
 
@@ -112,6 +114,7 @@ class Services:
             on_end=tasks.on_end,
             maintenance=[tasks.collect_owed],
             maintenance_interval=settings.maintenance_seconds,
+            retention=settings.job_retention,
         )
         tasks.bind(self.runner)
 
@@ -212,6 +215,7 @@ def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
         Route("/v3", v3_redirect),
         Route("/v2/", v2_root),
         *health_routes.routes(services),
+        *openapi_routes.routes(settings),
         *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS, services),
     ]
     return Starlette(

@@ -46,7 +46,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 def check_id(backup_id: str) -> None:
     """Backup ids name objects: refuse anything but one safe path component."""
-    if not _ID_RE.match(backup_id):
+    if not _ID_RE.fullmatch(backup_id):  # "$" alone passes a final "\n"
         raise ValueError(f"invalid backup id {backup_id!r}")
 
 

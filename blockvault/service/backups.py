@@ -29,6 +29,7 @@ from blockvault.service.errors import (
     invalid_input,
     invalid_volume,
 )
+from blockvault.service.jobs import enqueue_once
 from blockvault.service.listing import ListSpec, Page, list_resources
 from blockvault.service.quotas import Quotas
 from blockvault.service.volumes import (
@@ -192,7 +193,7 @@ class BackupService:
                 raise invalid_backup(
                     f"Backup status must be available or error to verify, not {backup.status}."
                 )
-            queue_job(s, "verify", backup_id)
+            enqueue_once(s, "verify", backup_id, backup_id)  # one at a time per backup
         self.wake_workers()
 
     def verification(self, ctx: RequestContext, backup_id: str) -> Job | None:
@@ -215,9 +216,8 @@ class BackupService:
             raise invalid_input(f"Container name {container} is not valid: {reason}")
         with self.db.session() as s:
             # Jobs are keyed by backup; a container check belongs to none.
-            job = Job(kind="verify_container", backup_id="", params={"container": container})
-            s.add(job)
-            s.flush()
+            job = enqueue_once(s, "verify_container", "", container,
+                               project_id=ctx.project_id, container=container)
         self.wake_workers()
         return job
 

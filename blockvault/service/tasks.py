@@ -294,6 +294,7 @@ class Tasks:
                 size = backup.size * GiB
                 volume_size = vol.size if vol is not None else backup.size
                 whole_volume = backup.snapshot_id is None
+                project = backup.project_id  # the dedup scope (engine: dedup_scope)
                 record = backup_record(backup)
                 record.update(container=container, host=self.host, service=self.service_name,
                               status="available", size=volume_size, service_metadata=sid,
@@ -316,6 +317,7 @@ class Tasks:
                 progress=self._progress(job),
                 cancelled=self._watch(job, "creating"),
                 changed=hint,
+                scope=project,
             )
         except Cancelled:
             log.info("backup %s (attempt %s) cancelled", job.backup_id, sid)
@@ -535,7 +537,7 @@ class Tasks:
         sid = storage_id(job)
         cloned = False
         try:
-            if not isinstance(source_id, str) or not _STORAGE_ID.match(source_id):
+            if not isinstance(source_id, str) or not _STORAGE_ID.fullmatch(source_id):
                 raise ValueError(f"Import record failed: invalid service_metadata "
                                  f"{str(source_id)[:60]!r}.")
             if not isinstance(container, str):
