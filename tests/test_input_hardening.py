@@ -348,6 +348,21 @@ def test_good_quota_values_are_stored(root, raw, stored):
     assert root.get(f"/os-quota-sets/{project}").json()["quota_set"]["backups"] == stored
 
 
+def test_quota_update_as_cinderclient_sends_it(root):
+    """cinderclient puts ``tenant_id`` in the body; Cinder skips it (and ``id``), and
+    still refuses a key that is neither a limit nor one of those."""
+    project = uuid.uuid4().hex
+    r = root.put(f"/os-quota-sets/{project}",
+                 {"quota_set": {"tenant_id": project, "id": project, "backups": 3}})
+    assert r.status_code == 200, r.text
+    assert r.json()["quota_set"]["backups"] == 3
+    r = root.put(f"/os-quota-sets/{project}",
+                 {"quota_set": {"bogus": 1, "backups": 4, "x" * 10_000: 1}})
+    message = fault(r, 400, "badRequest")
+    assert message.startswith("Bad key(s) in quota set: bogus,xxx") and len(message) < 400
+    assert root.get(f"/os-quota-sets/{project}").json()["quota_set"]["backups"] == 3
+
+
 # -- 6. validators built once --------------------------------------------------------------------
 
 

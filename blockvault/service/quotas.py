@@ -9,10 +9,13 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, QuotaLimit, Snapshot, Volume
-from blockvault.service.errors import OverQuota, invalid_input
+from blockvault.service.errors import Invalid, OverQuota
 from blockvault.service.inputs import DB_MAX_INT, excerpt, validate_integer
 
 RESOURCES = ("volumes", "gigabytes", "snapshots", "backups", "backup_gigabytes")
+#: keys a quota update may carry that are not limits (cinderclient sends ``tenant_id``);
+#: Cinder skips them (its ``NON_QUOTA_KEYS``)
+NON_QUOTA_KEYS = ("tenant_id", "id")
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,13 @@ class Quotas:
 
     def set_limits(self, s: Session, project_id: str, values: dict[str, object]) -> None:
         # Every value is checked before any is stored: a bad one changes nothing.
+        bad = [excerpt(k, 60) for k in values if k not in RESOURCES and k not in NON_QUOTA_KEYS]
+        if bad:  # Cinder's words, every bad key named
+            raise Invalid(excerpt(f"Bad key(s) in quota set: {','.join(bad)}", 300))
         limits = {}
         for key, value in values.items():
-            if key not in RESOURCES:
-                raise invalid_input(f"Bad key(s) in quota set: {excerpt(key)}")
+            if key in NON_QUOTA_KEYS:
+                continue
             # -1 (unlimited) .. the DB's int; 1.9, true, 1e400 and 10**30 are refused as
             # Cinder refuses them, never truncated or passed on to overflow the column.
             limits[key] = validate_integer(value, key, min_value=-1, max_value=DB_MAX_INT)
