@@ -38,6 +38,7 @@ def serve(config_file: str | None, host: str | None, port: int | None, data_dir:
     """Run the API, the workers and the embedded stores in one process."""
     import uvicorn
 
+    from blockvault.api.auth import check_listen
     from blockvault.config import load_settings
     from blockvault.server import Services, create_app
 
@@ -47,13 +48,15 @@ def serve(config_file: str | None, host: str | None, port: int | None, data_dir:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         settings = load_settings(config_file, host=host, port=port, data_dir=data_dir)
+        check_listen(settings)
         services = Services(settings)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     app = create_app(services)
     click.echo(
         f"blockvault listening on http://{settings.host}:{settings.port} "
-        f"(data in {settings.data_dir}, store: {settings.store})",
+        f"(data in {settings.data_dir}, store: {settings.store}, "
+        f"auth: {settings.auth_strategy})",
         err=True,
     )
     # Forwarded headers are ours to judge (api/proxies.py, from trusted_proxies only):

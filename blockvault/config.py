@@ -25,7 +25,13 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     #: SQLAlchemy URL of the metadata DB; empty means SQLite in data_dir.
     database_url: str = ""
-    #: Users (the user part of the token) who are admins.
+    #: "noauth" (token user:project, loopback only), "apikey" (keys made with
+    #: ``blockvault apikey create``) or "keystone" (docs/auth.md)
+    auth_strategy: str = "noauth"
+    #: let noauth listen on a non-loopback address (anyone reaching it is any project, and
+    #: an admin): for closed test networks only, and warned about at every start
+    noauth_allow_remote: bool = False
+    #: noauth: users (the user part of the token) who are admins.
     admin_users: list[str] = field(default_factory=lambda: ["admin"])
     #: Scheme://host[:port][/prefix] used in links instead of the request's host.
     public_endpoint: str = ""
@@ -191,6 +197,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
 def _check(settings: Settings) -> None:
     """Refuse at start-up the settings that would otherwise fail on the first request."""
+    if settings.auth_strategy not in ("noauth", "apikey", "keystone"):
+        raise ValueError("auth_strategy must be noauth, apikey or keystone, "
+                         f"not {settings.auth_strategy!r}")
     if settings.max_request_body_size < 1:
         raise ValueError("max_request_body_size must be a positive number of bytes")
     for entry in settings.trusted_proxies:

@@ -19,6 +19,7 @@ from blockvault.api import backups as backup_routes
 from blockvault.api import health as health_routes
 from blockvault.api import openapi as openapi_routes
 from blockvault.api import volumes as volume_routes
+from blockvault.api.auth import make_authenticator
 from blockvault.api.faults import HTTPFault, fault_response
 from blockvault.api.http import make_routes, public_base
 from blockvault.api.versions import fmt, negotiate, v2_document, versions_document
@@ -67,6 +68,7 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url)
         self.db.upgrade()
+        self.auth = make_authenticator(settings, self.db)
         self.backend = make_backend(settings)
         self.engine = make_engine(settings, self.backend)
         self.driver = RawFileDriver(settings.volumes_dir)

@@ -227,6 +227,26 @@ class Runner(Base):
     seen_at: Mapped[dt.datetime] = mapped_column(DateTime)
 
 
+class ApiKey(Base):
+    """An API key (``auth_strategy = apikey``): who it speaks for and a hash of its secret.
+    The secret itself is shown once, at creation, and never stored."""
+
+    __tablename__ = "api_keys"
+
+    #: the public part of the key (``bvk_<id>_<secret>``): requests look the key up by it
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(255), index=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    #: role names as given (implied roles are added per request, as for Keystone tokens)
+    roles: Mapped[list] = mapped_column(JSON, default=list)
+    #: sha256 of the secret, hex: the secret has 256 random bits, so a fast hash suffices
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: naive UTC; NULL = never expires
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
 @event.listens_for(Job, "before_insert")
 def _job_project(_mapper, _conn, job: Job) -> None:
     """A job queued without a project takes its backup's, read in the INSERT itself: no
