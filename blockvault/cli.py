@@ -3,6 +3,7 @@ client of its HTTP API (volumes, data upload/download, backups with progress).""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -71,11 +72,105 @@ def serve(config_file: str | None, host: str | None, port: int | None, data_dir:
 # -- client ---------------------------------------------------------------------------------
 
 
+#: where OpenStack tools look for clouds.yaml, first found wins (openstacksdk's order)
+CLOUDS_YAML = ("clouds.yaml", "~/.config/openstack/clouds.yaml", "/etc/openstack/clouds.yaml")
+
+NO_CREDENTIALS = """no credentials: the blockvault client no longer assumes an admin token.
+Give one of:
+  export OS_AUTH_TOKEN=KEY            an API key from `blockvault apikey create`
+  export OS_AUTH_TOKEN=demo:demo      on a noauth server (the default): USER:PROJECT
+  export OS_CLOUD=NAME                an entry of clouds.yaml (auth_type: admin_token)
+and, for a server elsewhere than http://127.0.0.1:8776, OS_ENDPOINT=http://HOST:PORT/v3.
+See docs/cli.md."""
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _cloud_entry(name: str) -> dict[str, Any]:
+    """The ``clouds.<name>`` entry of the first clouds.yaml found (``OS_CLIENT_CONFIG_FILE``
+    first, as openstacksdk does)."""
+    import yaml
+
+    paths = [p for p in [os.environ.get("OS_CLIENT_CONFIG_FILE"), *CLOUDS_YAML] if p]
+    for path in (Path(p).expanduser() for p in paths):
+        if not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise click.ClickException(f"{path}: {exc}") from exc
+        clouds = data.get("clouds") if isinstance(data, dict) else None
+        if isinstance(clouds, dict) and isinstance(clouds.get(name), dict):
+            return clouds[name]
+        raise click.ClickException(f"{path} has no cloud named {name!r}")
+    raise click.ClickException(
+        f"OS_CLOUD={name}, but no clouds.yaml in {', '.join(CLOUDS_YAML)}")
+
+
+def _split_endpoint(url: str) -> tuple[str, str | None]:
+    """``http://h:8776``, ``.../v3`` or ``.../v3/PROJECT`` as (root, project or None)."""
+    url = url.rstrip("/")
+    head, _, tail = url.rpartition("/")
+    if tail in ("v3", "v2"):
+        return head, None
+    root, _, version = head.rpartition("/")
+    if version in ("v3", "v2") and tail:
+        return root, tail
+    return url, None
+
+
+class Credentials:
+    """Where the client's URL and token come from, in the order OpenStack tools use: the
+    command line (``--url``/``--token``), ``BLOCKVAULT_URL``/``BLOCKVAULT_TOKEN``, the
+    ``OS_*`` environment, then the ``OS_CLOUD`` entry of clouds.yaml. Resolved when a
+    command runs, so ``--help`` never needs credentials."""
+
+    def __init__(self, url: str | None, token: str | None, cloud: str | None) -> None:
+        self.url, self.token, self.cloud = url, token, cloud
+        self._client: Client | None = None
+
+    def resolve(self) -> tuple[str, str, str | None]:
+        """(root URL, token, project or None)."""
+        url = self.url or _env("OS_ENDPOINT")
+        token = self.token or _env("OS_AUTH_TOKEN", "OS_TOKEN")
+        project = _env("OS_PROJECT_ID")
+        if self.cloud and not (url and token):
+            entry = _cloud_entry(self.cloud)
+            auth = entry.get("auth") or {}
+            kind = str(entry.get("auth_type") or "")
+            if kind not in ("admin_token", "token_endpoint", "token", "none", "noauth", ""):
+                raise click.ClickException(
+                    f"cloud {self.cloud!r}: auth_type {kind} is not one the blockvault client "
+                    "speaks (admin_token with token and endpoint); use the openstack CLI")
+            token = token or auth.get("token")
+            url = (url or auth.get("endpoint") or entry.get("block_storage_endpoint_override")
+                   or entry.get("volume_endpoint_override"))
+            project = project or auth.get("project_id")
+        if not token:
+            raise click.ClickException(NO_CREDENTIALS)
+        root, url_project = _split_endpoint(url or DEFAULT_URL)
+        if url_project is None and project is None and ":" in token:
+            # noauth's USER:PROJECT names the project; API keys and Keystone tokens carry
+            # theirs, and project-less URLs (3.67) serve them
+            project = token.partition(":")[2] or None
+        return root, token, url_project or project
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(*self.resolve())
+        return self._client
+
+
 class Client:
-    def __init__(self, url: str, token: str) -> None:
-        user, _, project = token.partition(":")
-        self.project = project or user
-        self.base = f"{url.rstrip('/')}/v3/{self.project}"
+    def __init__(self, url: str, token: str, project: str | None = None) -> None:
+        self.project = project
+        self.base = f"{url.rstrip('/')}/v3" + (f"/{project}" if project else "")
         self.http = httpx.Client(
             headers={"X-Auth-Token": token, "OpenStack-API-Version": "volume 3.71"},
             timeout=httpx.Timeout(60.0, read=None),
@@ -114,17 +209,33 @@ class Client:
                 time.sleep(0.5)
 
 
-pass_client = click.make_pass_decorator(Client)
+def pass_client(f: Any) -> Any:
+    """Hands the command a ``Client`` built from its group's credentials."""
+
+    @click.pass_context
+    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        return ctx.invoke(f, ctx.find_object(Credentials).client(), *args, **kwargs)
+
+    return functools.update_wrapper(wrapper, f)
+
+
+def credential_options(f: Any) -> Any:
+    f = click.option("--os-cloud", "cloud", envvar="OS_CLOUD", default=None,
+                     help="Entry of clouds.yaml to use (env OS_CLOUD).")(f)
+    f = click.option("--token", envvar="BLOCKVAULT_TOKEN", default=None,
+                     help="API key, Keystone token, or USER:PROJECT on a noauth server "
+                          "(env BLOCKVAULT_TOKEN, OS_AUTH_TOKEN or OS_TOKEN).")(f)
+    return click.option("--url", envvar="BLOCKVAULT_URL", default=None,
+                        help=f"Service URL (env BLOCKVAULT_URL or OS_ENDPOINT; "
+                             f"default {DEFAULT_URL}).")(f)
 
 
 @main.group()
-@click.option("--url", envvar="BLOCKVAULT_URL", default=DEFAULT_URL, show_default=True)
-@click.option("--token", envvar="BLOCKVAULT_TOKEN", default="admin:admin", show_default=True,
-              help="user:project (noauth token).")
+@credential_options
 @click.pass_context
-def volume(ctx: click.Context, url: str, token: str) -> None:
+def volume(ctx: click.Context, url: str | None, token: str | None, cloud: str | None) -> None:
     """Volumes and their data."""
-    ctx.obj = Client(url, token)
+    ctx.obj = Credentials(url, token, cloud)
 
 
 @volume.command("create")
@@ -205,12 +316,11 @@ def volume_download(client: Client, volume_id: str, file: str) -> None:
 
 
 @main.group()
-@click.option("--url", envvar="BLOCKVAULT_URL", default=DEFAULT_URL, show_default=True)
-@click.option("--token", envvar="BLOCKVAULT_TOKEN", default="admin:admin", show_default=True)
+@credential_options
 @click.pass_context
-def backup(ctx: click.Context, url: str, token: str) -> None:
+def backup(ctx: click.Context, url: str | None, token: str | None, cloud: str | None) -> None:
     """Backups."""
-    ctx.obj = Client(url, token)
+    ctx.obj = Credentials(url, token, cloud)
 
 
 @backup.command("create")
@@ -338,17 +448,139 @@ def verify_container(config_file: str | None, data_dir: str | None,
         raise SystemExit(1)
 
 
+# -- API keys (against the service's database, as the operator) -------------------------------
+
+
+def _server_options(f: Any) -> Any:
+    f = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="The server's data dir (for its SQLite database).")(f)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        default=None, help="The server's TOML configuration (database_url, "
+                        "data_dir).")(f)
+
+
+def _key_db(config_file: str | None, data_dir: str | None) -> Any:
+    from blockvault.config import load_settings
+    from blockvault.db import Database
+
+    try:
+        settings = load_settings(config_file, data_dir=data_dir)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.db_url)
+        # the table may not exist yet if no server of this version has started
+        db.upgrade()
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    return settings, db
+
+
+def _utc(value: Any) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+
+@main.group()
+def apikey() -> None:
+    """API keys for auth_strategy = apikey (create, list, revoke).
+
+    These commands work on the service's database directly: run them as the operator,
+    with the --config/--data-dir the server runs with."""
+
+
+@apikey.command("create")
+@_server_options
+@click.option("--project", required=True, help="Project the key acts in.")
+@click.option("--user", required=True, help="User id recorded for what the key does.")
+@click.option("--role", "roles", multiple=True, required=True,
+              help="Role (reader, member, admin or any a policy names); repeatable.")
+@click.option("--expires", default=None,
+              help="When the key stops working: 2027-01-01T00:00Z, or a duration (30d, 12h).")
+def apikey_create(config_file: str | None, data_dir: str | None, project: str, user: str,
+                  roles: tuple[str, ...], expires: str | None) -> None:
+    """Create a key and print it, alone, on standard output (it is shown only this once)."""
+    import re
+
+    from blockvault.service import apikeys
+
+    settings, db = _key_db(config_file, data_dir)
+    try:
+        if not re.fullmatch(settings.project_id_regex, project):
+            raise ValueError(f"project {project!r} does not match project_id_regex, so no "
+                             "request URL could name it")
+        expires_at = apikeys.parse_expiry(expires) if expires else None
+        key_id, key = apikeys.create(db, project_id=project, user_id=user, roles=list(roles),
+                                     expires_at=expires_at)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        db.dispose()
+    click.echo(f"created API key {key_id} for user {user} in project {project} "
+               f"(roles {', '.join(roles)}; expires {_utc(expires_at)})", err=True)
+    if settings.auth_strategy != "apikey":
+        click.echo(f"note: the service runs with auth_strategy = {settings.auth_strategy}; "
+                   "keys are honoured only with auth_strategy = apikey", err=True)
+    click.echo(key)
+
+
+@apikey.command("list")
+@_server_options
+@click.option("--project", default=None, help="Only this project's keys.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def apikey_list(config_file: str | None, data_dir: str | None, project: str | None,
+                as_json: bool) -> None:
+    """List keys (ids and who they speak for; secrets are never stored, so never shown)."""
+    from blockvault.db.models import utcnow
+    from blockvault.service import apikeys
+
+    _, db = _key_db(config_file, data_dir)
+    try:
+        keys = apikeys.list_keys(db, project)
+    finally:
+        db.dispose()
+    now = utcnow()
+    rows = [{"id": k.id, "project_id": k.project_id, "user_id": k.user_id,
+             "roles": list(k.roles), "created_at": _utc(k.created_at),
+             "expires_at": _utc(k.expires_at) if k.expires_at else None,
+             "revoked_at": _utc(k.revoked_at) if k.revoked_at else None,
+             "state": k.state(now)} for k in keys]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']}  {r['state']:<8} {r['project_id']:<20} {r['user_id']:<16} "
+                   f"{','.join(r['roles']):<16} created {r['created_at']}  "
+                   f"expires {r['expires_at'] or '-'}")
+
+
+@apikey.command("revoke")
+@_server_options
+@click.argument("key_id")
+def apikey_revoke(config_file: str | None, data_dir: str | None, key_id: str) -> None:
+    """Revoke a key: every request with it is refused from now on, in every process."""
+    from blockvault.service import apikeys
+
+    key_id = apikeys.key_id_of(key_id)
+    _, db = _key_db(config_file, data_dir)
+    try:
+        outcome = apikeys.revoke(db, key_id)
+    finally:
+        db.dispose()
+    if outcome == "unknown":
+        raise click.ClickException(f"no API key {key_id}")
+    click.echo(f"API key {key_id}: {outcome}", err=True)
+
+
+# -- disaster recovery ----------------------------------------------------------------------
+
+
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="The server's TOML configuration (for the store and the key).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--container", default=None, help="Container to scan (default: the default).")
-@click.option("--url", envvar="BLOCKVAULT_URL", default=DEFAULT_URL, show_default=True)
-@click.option("--token", envvar="BLOCKVAULT_TOKEN", default="admin:admin", show_default=True,
-              help="An admin's user:project token.")
+@credential_options
 @click.option("--dry-run", is_flag=True, help="Only list the backups found.")
-def recover(config_file: str | None, data_dir: str | None, container: str | None, url: str,
-            token: str, dry_run: bool) -> None:
+def recover(config_file: str | None, data_dir: str | None, container: str | None,
+            url: str | None, token: str | None, cloud: str | None, dry_run: bool) -> None:
     """Re-import every backup recorded in a container into a running service.
 
     For a deployment that lost its database: each backup's record in the object store is
@@ -366,7 +598,8 @@ def recover(config_file: str | None, data_dir: str | None, container: str | None
     container = container or settings.default_container
     backend = make_backend(settings)
     engine = make_engine(settings, backend)
-    client = None if dry_run else Client(url, token)
+    # an admin's credentials (import_record is admin-only), checked before any work
+    client = None if dry_run else Credentials(url, token, cloud).client()
     service = backup_service_name(backend.kind)
     imported = skipped = 0
     try:

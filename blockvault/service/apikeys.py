@@ -144,12 +144,15 @@ def list_keys(db: Database, project_id: str | None = None) -> list[KeyInfo]:
                         r.expires_at, r.revoked_at) for r in s.scalars(query)]
 
 
+def key_id_of(text: str) -> str:
+    """The id in ``text``: an id, or a whole key pasted instead (whose secret must then not
+    be echoed back anywhere)."""
+    match = _KEY.fullmatch(text.strip())
+    return match.group(1) if match else text.strip()
+
+
 def revoke(db: Database, key_id: str) -> str:
     """Revoke a key: ``"revoked"``, ``"already revoked"`` or ``"unknown"``."""
-    if key_id.startswith(PREFIX):
-        # a whole key pasted by mistake: its id is the part that names it
-        match = _KEY.fullmatch(key_id)
-        key_id = match.group(1) if match else key_id
     with db.session() as s:
         done = s.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
                          .values(revoked_at=utcnow())).rowcount
