@@ -21,10 +21,22 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without the machine's OS_* / BLOCKVAULT_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "BLOCKVAULT_"))}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blockvault.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
 def cli(server: Server, *args: str) -> str:
-    env = {**os.environ, "BLOCKVAULT_URL": server.url, "BLOCKVAULT_TOKEN": "demo:demo"}
-    out = subprocess.run([sys.executable, "-m", "blockvault.cli", *args], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
+    # what the README tells a newcomer to export
+    out = run_cli(*args, env=clean_env(OS_ENDPOINT=f"{server.url}/v3",
+                                       OS_AUTH_TOKEN="demo:demo"))
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -50,10 +62,8 @@ def test_walkthrough(server, tmp_path):
 
 
 def test_cli_errors_are_readable(server):
-    env = {**os.environ, "BLOCKVAULT_URL": server.url, "BLOCKVAULT_TOKEN": "demo:demo"}
-    out = subprocess.run([sys.executable, "-m", "blockvault.cli", "backup", "show",
-                          "00000000-0000-0000-0000-000000000001"], env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    env = clean_env(BLOCKVAULT_URL=server.url, BLOCKVAULT_TOKEN="demo:demo")
+    out = run_cli("backup", "show", "00000000-0000-0000-0000-000000000001", env=env)
     assert out.returncode != 0
     assert "404: Backup 00000000-0000-0000-0000-000000000001 could not be found." in out.stderr
 
@@ -71,7 +81,7 @@ def test_verify_commands_find_corruption(server, tmp_path):
     data = bytearray(pack.read_bytes())
     data[10] ^= 0x55
     pack.write_bytes(bytes(data))
-    env = {**os.environ, "BLOCKVAULT_URL": server.url, "BLOCKVAULT_TOKEN": "demo:demo"}
+    env = clean_env(BLOCKVAULT_URL=server.url, BLOCKVAULT_TOKEN="demo:demo")
     run = subprocess.run([sys.executable, "-m", "blockvault.cli", "verify-container",
                           "--data-dir", str(server.data_dir)], env=env, capture_output=True,
                          text=True, timeout=120, check=False)
@@ -83,3 +93,48 @@ def test_verify_commands_find_corruption(server, tmp_path):
                          timeout=120, check=False)
     assert run.returncode == 1 and str(pack.relative_to(pack.parents[2])) in run.stdout
     assert '"state": "failed"' in run.stdout
+
+
+def test_no_credentials_no_admin(server, tmp_path):
+    """Without credentials the client refuses to guess (it used to send admin:admin) and
+    tells a newcomer what to export; no request reaches the server."""
+    before = server.log().count('"GET /v3')
+    out = run_cli("backup", "list", env=clean_env(HOME=str(tmp_path),
+                                                  OS_ENDPOINT=f"{server.url}/v3"),
+                  cwd=tmp_path)
+    assert out.returncode != 0
+    assert "no credentials" in out.stderr
+    assert "export OS_AUTH_TOKEN=demo:demo" in out.stderr and "OS_CLOUD" in out.stderr
+    assert server.log().count('"GET /v3') == before
+    # --help needs no credentials
+    assert run_cli("backup", "list", "--help", env=clean_env()).returncode == 0
+
+
+def test_os_token_names_the_caller(server):
+    """OS_TOKEN works as OS_AUTH_TOKEN does, and the token is the caller: a project's
+    backup list is its own."""
+    mine = cli(server, "volume", "create", "--size", "1", "--name", "mine")
+    other = run_cli("volume", "show", mine, env=clean_env(
+        OS_ENDPOINT=server.url, OS_TOKEN="eve:evil"))
+    assert other.returncode != 0 and "404" in other.stderr
+    same = run_cli("volume", "show", mine, env=clean_env(
+        OS_ENDPOINT=server.url, OS_TOKEN="demo:demo"))
+    assert same.returncode == 0 and '"name": "mine"' in same.stdout
+
+
+def test_clouds_yaml_in_the_users_config(server, tmp_path):
+    """OS_CLOUD picks an entry of ~/.config/openstack/clouds.yaml (the standard place),
+    auth_type admin_token with token and endpoint, as the openstack CLI reads it."""
+    vol = cli(server, "volume", "create", "--size", "1", "--name", "cloudy")
+    config = tmp_path / ".config" / "openstack"
+    config.mkdir(parents=True)
+    (config / "clouds.yaml").write_text(
+        "clouds:\n  dev:\n    auth_type: admin_token\n    auth:\n"
+        f"      token: demo:demo\n      endpoint: {server.url}/v3/demo\n")
+    env = clean_env(HOME=str(tmp_path), OS_CLOUD="dev")
+    out = run_cli("volume", "show", vol, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert '"name": "cloudy"' in out.stdout
+    # an entry that is not there is named
+    out = run_cli("volume", "show", vol, env={**env, "OS_CLOUD": "prod"}, cwd=tmp_path)
+    assert out.returncode != 0 and "has no cloud named 'prod'" in out.stderr
