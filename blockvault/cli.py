@@ -465,7 +465,8 @@ def _key_db(config_file: str | None, data_dir: str | None) -> Any:
 
     try:
         settings = load_settings(config_file, data_dir=data_dir)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if not settings.database_url:  # SQLite lives in data_dir
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.db_url)
         # the table may not exist yet if no server of this version has started
         db.upgrade()
@@ -628,6 +629,8 @@ def recover(config_file: str | None, data_dir: str | None, container: str | None
     if client is not None:
         click.echo(f"{imported} imported, {skipped} skipped", err=True)
 
+
+main.add_command(__import__("blockvault.policy_cli").policy_cli.policy_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

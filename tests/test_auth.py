@@ -363,3 +363,50 @@ def test_blockvault_client_with_a_key(server, tmp_path):
               "-f", "json", env=_env(OS_CLOUD="bv"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["name"] == "cli"
+
+
+# -- PostgreSQL: keys shared by several processes -------------------------------------------
+
+
+@pytest.fixture
+def pg_url():
+    psycopg = pytest.importorskip("psycopg")
+    pg = os.environ.get("BLOCKVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"bv_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(pg, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {pg}: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = pg.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()
+
+
+def test_keys_on_postgresql_count_in_every_process(tmp_path, pg_url):
+    """Two API processes sharing PostgreSQL (migration 0005 there): a key made by the CLI
+    with the servers' --config works on both, and its revocation stops it on both at once."""
+    config = tmp_path / "blockvault.toml"
+    config.write_text(f'auth_strategy = "apikey"\ndatabase_url = "{pg_url}"\n')
+    env = {"BLOCKVAULT_CONFIG": str(config)}
+    a = Server(tmp_path / "a", env).start()
+    b = Server(tmp_path / "b", env).start()
+    try:
+        project = _project()
+        out = bv("apikey", "create", "--config", str(config), "--project", project,
+                 "--user", "alice", "--role", "member")
+        assert out.returncode == 0, out.stderr
+        key = out.stdout.strip()
+        with api(a, key, project) as ca, api(b, key, project) as cb:
+            vol = ca.post("/volumes", json={"volume": {"size": 1}}).json()["volume"]["id"]
+            assert cb.get(f"/volumes/{vol}").status_code == 200
+            out = bv("apikey", "revoke", "--config", str(config), key_id(key))
+            assert out.returncode == 0, out.stderr
+            assert_401(ca.get("/volumes"))
+            assert_401(cb.get("/volumes"))
+        listed = bv("apikey", "list", "--config", str(config), "--json")
+        assert [k["state"] for k in json.loads(listed.stdout)] == ["revoked"]
+    finally:
+        a.stop()
+        b.stop()
