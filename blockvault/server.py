@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -26,6 +27,7 @@ from blockvault.api.versions import fmt, negotiate, v2_document, versions_docume
 from blockvault.config import Settings
 from blockvault.db import Database
 from blockvault.engine import Engine, EngineConfig
+from blockvault.service import policy
 from blockvault.service.backups import BackupService
 from blockvault.service.context import RequestContext
 from blockvault.service.jobs import JobRunner
@@ -60,6 +62,13 @@ def make_engine(settings: Settings, backend: Backend) -> Engine:
     )
 
 
+def policy_path(settings: Settings) -> Path:
+    """The policy file: a relative ``policy_file`` is in data_dir (load_settings has
+    already made one given in a config file absolute, from that file's folder)."""
+    path = Path(getattr(settings, "policy_file", "policy.yaml")).expanduser()
+    return path if path.is_absolute() else settings.data_dir / path
+
+
 class Services:
     """The running service: every long-lived object, built once from settings."""
 
@@ -69,6 +78,7 @@ class Services:
         self.db = Database(settings.db_url)
         self.db.upgrade()
         self.auth = make_authenticator(settings, self.db)
+        self.policy = policy.configure(policy_path(settings))
         self.backend = make_backend(settings)
         self.engine = make_engine(settings, self.backend)
         self.driver = RawFileDriver(settings.volumes_dir)
@@ -148,20 +158,26 @@ class Services:
     # -- quotas (thin: the rules live in Quotas) ----------------------------------------------
 
     def quota_view(self, ctx: RequestContext, target: str) -> tuple[dict, dict]:
-        if target != ctx.project_id:
-            ctx.require_admin("volume_extension:quotas:show")
+        # Cinder's target is the quota's project: a reader sees its own, an admin any.
+        ctx.authorize("volume_extension:quotas:show", {"project_id": target})
         with self.db.session() as s:
             return self.quotas.limits(s, target), self.quotas.usage(s, target)
 
     def quota_defaults(self, ctx: RequestContext, target: str) -> dict[str, int]:
         # Cinder authorizes the defaults with the same policy as the quota set, against the
         # target project: another project's defaults are an admin's to read (403).
-        if target != ctx.project_id:
-            ctx.require_admin("volume_extension:quotas:show")
+        ctx.authorize("volume_extension:quotas:show", {"project_id": target})
         return asdict(self.quotas.defaults)
 
+    def used_limits(self, ctx: RequestContext) -> tuple[dict, dict]:
+        """The caller's own limits and usage (``/limits``)."""
+        ctx.authorize("limits_extension:used_limits")
+        with self.db.session() as s:
+            return (self.quotas.limits(s, ctx.project_id),
+                    self.quotas.usage(s, ctx.project_id))
+
     def set_quotas(self, ctx: RequestContext, target: str, values: dict[str, Any]) -> dict:
-        ctx.require_admin("volume_extension:quotas:update")
+        ctx.authorize("volume_extension:quotas:update", {"project_id": target})
         with self.db.session() as s:
             self.quotas.set_limits(s, target, values)
             s.flush()

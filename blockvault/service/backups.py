@@ -155,9 +155,12 @@ class BackupService:
 
     def get(self, ctx: RequestContext, backup_id: str) -> Backup:
         with self.db.session() as s:
-            return visible_backup(s, ctx, backup_id)
+            backup = visible_backup(s, ctx, backup_id)
+            ctx.authorize("backup:get", backup)
+            return backup
 
     def list(self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]) -> Page:
+        ctx.authorize("backup:get_all")
         with self.db.session() as s:
             return list_resources(s, ctx, BACKUP_LIST, params, version, self.max_limit)
 
@@ -165,6 +168,7 @@ class BackupService:
         """How far the latest create/restore/delete/import of a backup has got."""
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id)
+            ctx.authorize("backup:get", backup)
             job = s.scalars(
                 select(Job)
                 .where(Job.backup_id == backup_id, Job.kind.not_in(("verify", "record")))
@@ -189,6 +193,7 @@ class BackupService:
         """Queue a check of every block of a backup (blockvault extension)."""
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id)
+            ctx.authorize("blockvault:backup:verify", backup)
             if backup.status not in ("available", "error"):
                 raise invalid_backup(
                     f"Backup status must be available or error to verify, not {backup.status}."
@@ -199,7 +204,7 @@ class BackupService:
     def verification(self, ctx: RequestContext, backup_id: str) -> Job | None:
         """The latest verify job of a backup, if any."""
         with self.db.session() as s:
-            visible_backup(s, ctx, backup_id)
+            ctx.authorize("backup:get", visible_backup(s, ctx, backup_id))
             return s.scalars(
                 select(Job)
                 .where(Job.backup_id == backup_id, Job.kind == "verify")
@@ -210,7 +215,7 @@ class BackupService:
         """Queue a check of every block every backup of ``container`` references
         (blockvault extension, admin only: a container may hold several projects' backups,
         so its report is not a tenant's to see)."""
-        ctx.require_admin("backup:verify_container")
+        ctx.authorize("blockvault:container:verify")
         reason = self.validate_container(container)
         if reason:
             raise invalid_input(f"Container name {container} is not valid: {reason}")
@@ -222,7 +227,7 @@ class BackupService:
         return job
 
     def container_verification(self, ctx: RequestContext, verification_id: str) -> Job:
-        ctx.require_admin("backup:verify_container")
+        ctx.authorize("blockvault:container:verify")
         with self.db.session() as s:
             job = s.get(Job, verification_id)
             if job is None or job.kind != "verify_container":
@@ -245,6 +250,9 @@ class BackupService:
         metadata: dict[str, str] | None = None,
         availability_zone: str | None = None,
     ) -> Backup:
+        # Before any lookup, as Cinder: the rule is on the caller's own project, so a 403
+        # here says nothing about the volume.
+        ctx.authorize("backup:create")
         if container:
             reason = self.validate_container(container)
             if reason:
@@ -351,6 +359,7 @@ class BackupService:
     def update(self, ctx: RequestContext, backup_id: str, changes: dict[str, Any]) -> Backup:
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id, lock=True)
+            ctx.authorize("backup:update", backup)
             for key, value in changes.items():
                 setattr(backup, key, value)
             backup.updated_at = utcnow()
@@ -365,9 +374,12 @@ class BackupService:
     def delete(self, ctx: RequestContext, backup_id: str, force: bool = False) -> None:
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id, lock=True)
+            # Lookup first (another project's backup is 404, whatever the policy), then
+            # Cinder's checks: force delete is its own admin rule, and runs the delete too.
             if force:
-                ctx.require_admin("volume_extension:backup_admin_actions:force_delete")
-            elif backup.status not in ("available", "error"):
+                ctx.authorize("volume_extension:backup_admin_actions:force_delete", backup)
+            ctx.authorize("backup:delete", backup)
+            if not force and backup.status not in ("available", "error"):
                 raise invalid_backup("Backup status must be available or error")
             # Any project: an incremental is never orphaned (stricter than Cinder, §15).
             child = s.scalar(
@@ -391,6 +403,8 @@ class BackupService:
         # 'available') rolls its volume back too: no orphan row, quota or file.
         with self.volumes.new_files() as made, self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id, lock=True)
+            ctx.authorize("backup:restore", backup)
+            ctx.authorize("volume:create")  # Cinder's restore creates the target as a volume
             self._check_restorable(backup)
             vol = self.volumes.new_volume(
                 s, made, ctx, backup.size, name=name or f"restore_backup_{backup_id}",
@@ -403,8 +417,10 @@ class BackupService:
     def _start_restore(self, ctx: RequestContext, backup_id: str, volume_id: str) -> RestoreTarget:
         with self.db.session() as s:
             backup = visible_backup(s, ctx, backup_id, lock=True)
+            ctx.authorize("backup:restore", backup)
             self._check_restorable(backup)
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume:get", vol)
             result = self._begin_restore(s, backup, vol, target_is_new=False)
         self.wake_workers()
         return result
@@ -433,7 +449,8 @@ class BackupService:
     ) -> str:
         """A new volume holding a backup's data (volume create with ``backup_id``, 3.47):
         created at once, then restored into like any restore target. Returns its id."""
-        backup = self.get(ctx, backup_id)
+        backup = self.get(ctx, backup_id)  # backup:get, then volume:create, as Cinder
+        ctx.authorize("volume:create")
         if backup.status != "available":
             raise invalid_backup(f"Backup status must be available and not {backup.status}.")
         self._check_restorable(backup)
@@ -477,14 +494,14 @@ class BackupService:
             # project's backup is 404 to a non-admin, exactly like an id that does not
             # exist; a 403 would tell them it exists.
             backup = visible_backup(s, ctx, backup_id, lock=True)
-            ctx.require_admin("volume_extension:backup_admin_actions:reset_status")
+            ctx.authorize("volume_extension:backup_admin_actions:reset_status", backup)
             backup.status, backup.updated_at = status, utcnow()
 
     def export_record(self, ctx: RequestContext, backup_id: str) -> dict[str, str]:
         with self.db.session() as s:
             # Lookup, then policy, then status, in Cinder's order (see reset_status).
             backup = visible_backup(s, ctx, backup_id)
-            ctx.require_admin("backup:export-import")
+            ctx.authorize("backup:export-import", backup)
             if backup.status != "available":
                 raise invalid_backup(
                     f"Backup status must be available and not {backup.status}."
@@ -494,7 +511,7 @@ class BackupService:
         return {"backup_service": backup.service or self.service_name, "backup_url": url}
 
     def import_record(self, ctx: RequestContext, backup_service: str, backup_url: str) -> Backup:
-        ctx.require_admin("backup:backup-import")
+        ctx.authorize("backup:backup-import")
         try:
             raw = base64.b64decode(backup_url.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError):

@@ -134,6 +134,7 @@ class VolumeService:
         snapshot_id: str | None = None,
         source_volid: str | None = None,
     ) -> Volume:
+        ctx.authorize("volume:create")  # first, as Cinder: on the caller's own project
         self.check_placement(volume_type, availability_zone)
         with self.new_files() as made, self.db.session() as s:
             src_path = None
@@ -223,17 +224,21 @@ class VolumeService:
         vol.updated_at = utcnow()
         return vol
 
-    def get(self, ctx: RequestContext, volume_id: str) -> Volume:
+    def get(self, ctx: RequestContext, volume_id: str, rule: str = "volume:get") -> Volume:
         with self.db.session() as s:
-            return visible_volume(s, ctx, volume_id)
+            vol = visible_volume(s, ctx, volume_id)
+            ctx.authorize(rule, vol)
+            return vol
 
     def list(self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]) -> Page:
+        ctx.authorize("volume:get_all")
         with self.db.session() as s:
             return list_resources(s, ctx, VOLUME_LIST, params, version, self.max_limit)
 
     def update(self, ctx: RequestContext, volume_id: str, changes: dict[str, Any]) -> Volume:
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume:update", vol)
             for key, value in changes.items():
                 setattr(vol, key, value)
             vol.updated_at = utcnow()
@@ -242,6 +247,7 @@ class VolumeService:
     def delete(self, ctx: RequestContext, volume_id: str, cascade: bool = False) -> None:
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume:delete", vol)
             snaps = list(
                 s.scalars(
                     select(Snapshot).where(
@@ -275,6 +281,7 @@ class VolumeService:
     def attach(self, ctx: RequestContext, volume_id: str) -> None:
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume_extension:volume_actions:attach", vol)
             if vol.status != "available":
                 raise invalid_volume("status must be available")
             vol.status, vol.attach_status, vol.updated_at = "in-use", "attached", utcnow()
@@ -282,6 +289,7 @@ class VolumeService:
     def detach(self, ctx: RequestContext, volume_id: str) -> None:
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume_extension:volume_actions:detach", vol)
             if vol.status != "in-use":
                 raise invalid_volume("Unable to detach volume. Volume status must be 'in-use'.")
             vol.status, vol.attach_status, vol.updated_at = "available", "detached", utcnow()
@@ -289,6 +297,7 @@ class VolumeService:
     def extend(self, ctx: RequestContext, volume_id: str, new_size: Any) -> None:
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume:extend", vol)
             if vol.status != "available":
                 raise invalid_volume(
                     f"Volume {volume_id} status must be available or in-use, but current "
@@ -312,7 +321,7 @@ class VolumeService:
             # Lookup before policy, as Cinder: another project's id is 404 to a non-admin,
             # exactly like an id that does not exist, so the 403 cannot reveal it.
             vol = visible_volume(s, ctx, volume_id, lock=True)
-            ctx.require_admin("volume_extension:volume_admin_actions:reset_status")
+            ctx.authorize("volume_extension:volume_admin_actions:reset_status", vol)
             vol.status, vol.updated_at = status, utcnow()
 
     # -- volume data (blockvault extension) ---------------------------------------------
@@ -328,6 +337,7 @@ class VolumeService:
         """
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id)
+            ctx.authorize("blockvault:volume:write_data", vol)
             size = vol.size * GiB
             if offset < 0 or offset > size or (length is not None and offset + length > size):
                 raise invalid_input(
@@ -361,7 +371,7 @@ class VolumeService:
     ) -> tuple[int, int, int, Iterator[bytes]]:
         """Returns (start, end exclusive, volume size in bytes, chunks). ``choose`` picks
         the byte range from the volume's size (or raises, e.g. for an unsatisfiable one)."""
-        vol = self.get(ctx, volume_id)
+        vol = self.get(ctx, volume_id, rule="blockvault:volume:read_data")
         size = vol.size * GiB
         start, end = choose(size)
         if start < 0 or end > size or end < start:
@@ -376,6 +386,7 @@ class VolumeService:
     ) -> Snapshot:
         with self.db.session() as s:
             vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume:create_snapshot", vol)
             if vol.status not in ("available", "in-use") or (vol.status == "in-use" and not force):
                 raise invalid_volume(
                     f"Volume {volume_id} status must be available, but current status is: "
@@ -401,17 +412,21 @@ class VolumeService:
 
     def get_snapshot(self, ctx: RequestContext, snapshot_id: str) -> Snapshot:
         with self.db.session() as s:
-            return visible_snapshot(s, ctx, snapshot_id)
+            snap = visible_snapshot(s, ctx, snapshot_id)
+            ctx.authorize("volume:get_snapshot", snap)
+            return snap
 
     def list_snapshots(
         self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]
     ) -> Page:
+        ctx.authorize("volume:get_all_snapshots")
         with self.db.session() as s:
             return list_resources(s, ctx, SNAPSHOT_LIST, params, version, self.max_limit)
 
     def update_snapshot(self, ctx: RequestContext, snapshot_id: str, changes: dict) -> Snapshot:
         with self.db.session() as s:
             snap = visible_snapshot(s, ctx, snapshot_id)
+            ctx.authorize("volume:update_snapshot", snap)
             for key, value in changes.items():
                 setattr(snap, key, value)
             snap.updated_at = utcnow()
@@ -420,6 +435,7 @@ class VolumeService:
     def delete_snapshot(self, ctx: RequestContext, snapshot_id: str) -> None:
         with self.db.session() as s:
             snap = visible_snapshot(s, ctx, snapshot_id)
+            ctx.authorize("volume:delete_snapshot", snap)
             if snap.status not in ("available", "error"):
                 raise Invalid(
                     f"Invalid snapshot: Volume Snapshot status must be available or error, "
