@@ -233,28 +233,35 @@ VOLUME_LIST = _list("volumes", VOLUME_SUMMARY)
 VOLUME_DETAIL_LIST = _list("volumes", VOLUME_DETAIL)
 ONE_VOLUME = _obj({"volume": VOLUME_DETAIL}, ("volume",))
 
+_SNAPSHOT_PROPS: Schema = {
+    "id": UUID,
+    "name": STRING_OR_NULL,
+    "description": STRING_OR_NULL,
+    "volume_id": UUID,
+    "size": COUNT,
+    "status": {"type": "string"},
+    "created_at": DATETIME,
+    "updated_at": DATETIME_OR_NULL,
+    "metadata": METADATA,
+    "group_snapshot_id": _since("3.14", UUID_OR_NULL),
+    "user_id": _since("3.41", STRING_OR_NULL),
+    "consumes_quota": _since("3.65", {"type": "boolean"}),
+}
+_SNAPSHOT_REQUIRED = ("id", "name", "description", "volume_id", "size", "status",
+                      "created_at", "updated_at", "metadata")
+#: create, update and the summary list
+SNAPSHOT: Schema = _obj(_SNAPSHOT_PROPS, _SNAPSHOT_REQUIRED)
+#: show and the detail list: with Cinder's os-extended-snapshot-attributes
 SNAPSHOT_DETAIL: Schema = _obj(
-    {
-        "id": UUID,
-        "name": STRING_OR_NULL,
-        "description": STRING_OR_NULL,
-        "volume_id": UUID,
-        "size": COUNT,
-        "status": {"type": "string"},
-        "created_at": DATETIME,
-        "updated_at": DATETIME_OR_NULL,
-        "metadata": METADATA,
-        "os-extended-snapshot-attributes:progress": {"type": "string"},
-        "os-extended-snapshot-attributes:project_id": _since("3.0", {"type": "string"},
-                                                             admin=True),
-        "group_snapshot_id": _since("3.14", UUID_OR_NULL),
-        "user_id": _since("3.41", STRING_OR_NULL),
-        "consumes_quota": _since("3.65", {"type": "boolean"}),
-    },
-    ("id", "name", "description", "volume_id", "size", "status", "created_at", "updated_at",
-     "metadata", "os-extended-snapshot-attributes:progress"),
+    {**_SNAPSHOT_PROPS,
+     "os-extended-snapshot-attributes:progress": {"type": "string"},
+     "os-extended-snapshot-attributes:project_id": {"type": "string"}},
+    (*_SNAPSHOT_REQUIRED, "os-extended-snapshot-attributes:progress",
+     "os-extended-snapshot-attributes:project_id"),
 )
+SNAPSHOT_SUMMARY_LIST = _list("snapshots", SNAPSHOT)
 SNAPSHOT_LIST = _list("snapshots", SNAPSHOT_DETAIL)
+ONE_SNAPSHOT_SUMMARY = _obj({"snapshot": SNAPSHOT}, ("snapshot",))
 ONE_SNAPSHOT = _obj({"snapshot": SNAPSHOT_DETAIL}, ("snapshot",))
 
 # -- quotas, limits, types, zones, extensions, filters ------------------------------------------

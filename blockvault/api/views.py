@@ -170,8 +170,13 @@ def default_volume_type(is_admin: bool) -> dict[str, Any]:
 
 
 def snapshot_detail(
-    sn: Snapshot, links: Links, version: tuple[int, int], is_admin: bool
+    sn: Snapshot, links: Links, version: tuple[int, int], is_admin: bool,
+    extended: bool = True,
 ) -> dict[str, Any]:
+    """A snapshot as Cinder shows it. ``extended``: with the two attributes of Cinder's
+    ``os-extended-snapshot-attributes`` extension, which extends show and the detail list
+    only (not create, update or the summary list; Tempest's schemas refuse them there) and
+    shows the project to whoever may see the snapshot (rule ``admin_or_owner``)."""
     view: dict[str, Any] = {
         "id": sn.id,
         "name": sn.display_name,
@@ -182,9 +187,9 @@ def snapshot_detail(
         "created_at": isotime(sn.created_at),
         "updated_at": isotime(sn.updated_at),
         "metadata": dict(sn.metadata_ or {}),
-        "os-extended-snapshot-attributes:progress": "100%",
     }
-    if is_admin:
+    if extended:
+        view["os-extended-snapshot-attributes:progress"] = "100%"
         view["os-extended-snapshot-attributes:project_id"] = sn.project_id
     if version >= (3, 14):
         view["group_snapshot_id"] = None

@@ -343,8 +343,9 @@ async def read_data(call: Call) -> Response:
 # -- snapshots ---------------------------------------------------------------------------
 
 
-def _snapshot(call: Call, snap) -> dict:
-    return {"snapshot": snapshot_detail(snap, call.links, call.version, call.is_admin)}
+def _snapshot(call: Call, snap, extended: bool = True) -> dict:
+    return {"snapshot": snapshot_detail(snap, call.links, call.version, call.is_admin,
+                                        extended)}
 
 
 def create_snapshot(call: Call) -> Response:
@@ -359,7 +360,7 @@ def create_snapshot(call: Call) -> Response:
         force=schemas.is_true(sn.get("force", False)),
         metadata=sn.get("metadata"),
     )
-    return json_response(_snapshot(call, snap), 202)
+    return json_response(_snapshot(call, snap, extended=False), 202)
 
 
 def list_snapshots(call: Call) -> Response:
@@ -372,7 +373,8 @@ def list_snapshots_detail(call: Call) -> Response:
 
 def _list_snapshots(call: Call, detail: bool) -> Response:
     page = call.services.volumes.list_snapshots(call.ctx, call.query, call.version)
-    items = [snapshot_detail(s, call.links, call.version, call.is_admin) for s in page.items]
+    items = [snapshot_detail(s, call.links, call.version, call.is_admin, detail)
+             for s in page.items]
     return list_response(call, "snapshots", page, items, detail)
 
 
@@ -387,7 +389,7 @@ def update_snapshot(call: Call) -> Response:
     sn = body["snapshot"]
     changes = _name_changes(sn)
     snap = call.services.volumes.update_snapshot(call.ctx, call.path["snapshot_id"], changes)
-    return json_response(_snapshot(call, snap))
+    return json_response(_snapshot(call, snap, extended=False))
 
 
 def delete_snapshot(call: Call) -> Response:

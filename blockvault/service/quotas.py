@@ -12,7 +12,11 @@ from blockvault.db.models import Backup, QuotaLimit, Snapshot, Volume
 from blockvault.service.errors import Invalid, OverQuota
 from blockvault.service.inputs import DB_MAX_INT, excerpt, validate_integer
 
-RESOURCES = ("volumes", "gigabytes", "snapshots", "backups", "backup_gigabytes")
+#: Cinder's quota set (less its per-volume-type keys): ``groups`` is shown and settable
+#: though blockvault has no groups; ``per_volume_gigabytes`` caps one volume's size (-1:
+#: no cap). Tempest's schemas require both.
+RESOURCES = ("volumes", "gigabytes", "snapshots", "backups", "backup_gigabytes", "groups",
+             "per_volume_gigabytes")
 #: keys a quota update may carry that are not limits (cinderclient sends ``tenant_id``);
 #: Cinder skips them (its ``NON_QUOTA_KEYS``)
 NON_QUOTA_KEYS = ("tenant_id", "id")
@@ -25,6 +29,8 @@ class QuotaDefaults:
     snapshots: int = 10
     backups: int = 10
     backup_gigabytes: int = 1000
+    groups: int = 10
+    per_volume_gigabytes: int = -1
 
 
 class Quotas:
@@ -67,6 +73,8 @@ class Quotas:
             "snapshots": int(snaps[0]),
             "backups": int(backups[0]),
             "backup_gigabytes": int(backups[1]),
+            "groups": 0,
+            "per_volume_gigabytes": 0,  # a cap, not a count: nothing is ever "in use"
         }
 
     def set_limits(self, s: Session, project_id: str, values: dict[str, object]) -> None:
@@ -109,6 +117,7 @@ class Quotas:
     def check_volume(self, s: Session, project_id: str, size: int) -> None:
         self._serialize(s, project_id)
         limits, used = self.limits(s, project_id), self.usage(s, project_id)
+        self._check_volume_size(limits, size)
         if _over(limits["volumes"], used["volumes"], 1):
             raise OverQuota(
                 f"Maximum number of volumes allowed ({limits['volumes']}) exceeded for "
@@ -130,6 +139,16 @@ class Quotas:
     def check_extend(self, s: Session, project_id: str, delta: int) -> None:
         self._serialize(s, project_id)
         self._check_gigabytes(self.limits(s, project_id), self.usage(s, project_id), delta)
+
+    @staticmethod
+    def _check_volume_size(limits: dict[str, int], size: int) -> None:
+        # Cinder checks it first, before the volumes and gigabytes reservations
+        if _over(limits["per_volume_gigabytes"], 0, size):
+            raise OverQuota(
+                f"Requested volume size {size}G is larger than maximum allowed limit "
+                f"{limits['per_volume_gigabytes']}G.",
+                "VolumeSizeExceedsLimit",
+            )
 
     @staticmethod
     def _check_gigabytes(limits: dict[str, int], used: dict[str, int], size: int) -> None:
