@@ -220,6 +220,13 @@ def test_policy_file_override_applies_without_restart(server, people):
         assert (r.status_code, r.json()) == (403, forbidden("backup:create"))
         # a Cinder legacy rule name still resolves: admin_or_owner lets the member list
         assert member.get("/backups").status_code == 200
+        # a file that does not parse is not half-applied: the rules before it stay, and
+        # the log says why
+        time.sleep(0.01)
+        policy_file.write_text('"backup:create": [unclosed\n')
+        r = member.post("/backups", {"backup": {"volume_id": vol}})
+        assert (r.status_code, r.json()) == (403, forbidden("backup:create"))
+        assert f"policy file {policy_file} not loaded" in server.log()
         # An operator delegates export to project members, and context_is_admin decides
         # who is an admin: a caller no longer one sees other projects' backups as missing.
         time.sleep(0.01)

@@ -8,6 +8,8 @@ caller's roles (Keystone's implied roles included) and compare ``project_id``.
 
 from __future__ import annotations
 
+import logging
+import os
 import textwrap
 import threading
 from collections.abc import Iterable
@@ -18,6 +20,8 @@ from oslo_config import cfg
 from oslo_policy import policy as oslo_policy
 
 from blockvault.service.errors import Forbidden
+
+log = logging.getLogger("blockvault.policy")
 
 # -- check strings (Cinder's cinder/policies/base.py) ------------------------------------------
 
@@ -188,34 +192,56 @@ class Policy:
     that is absent means the defaults (and if it is deleted, the defaults again)."""
 
     def __init__(self, policy_file: str | Path | None = None) -> None:
-        conf = cfg.ConfigOpts()
-        conf(args=[], project="blockvault", default_config_files=[], default_config_dirs=[])
-        path = str(Path(policy_file).expanduser().resolve()) if policy_file else None
-        self.policy_file = path
-        self.enforcer = oslo_policy.Enforcer(conf, policy_file=path, use_conf=path is not None)
-        # No policy.d search in the usual /etc places: only the file the operator named.
-        conf.set_override("policy_dirs", [], "oslo_policy")
-        self.enforcer.register_defaults(BASE_RULES)
-        self.enforcer.register_defaults(API_RULES)
-        if path is None:
-            # Without a file oslo.policy never loads anything, defaults included.
-            self.enforcer.set_rules(
-                oslo_policy.Rules({r.name: r.check for r in BASE_RULES + API_RULES}),
-                use_conf=False,
-            )
+        self.policy_file = str(Path(policy_file).expanduser().resolve()) if policy_file else None
+        self.enforcer = self._new_enforcer()
         # A reload replaces the rules and then refills the defaults; a check running in
         # another thread at that moment must not see the half-built set.
         self._lock = threading.Lock()
 
-    def check(self, rule: str, target: dict[str, Any], creds: dict[str, Any]) -> bool:
+    def _new_enforcer(self) -> oslo_policy.Enforcer:
+        conf = cfg.ConfigOpts()
+        conf(args=[], project="blockvault", default_config_files=[], default_config_dirs=[])
+        path = self.policy_file
+        enforcer = oslo_policy.Enforcer(conf, policy_file=path, use_conf=path is not None)
+        # No policy.d search in the usual /etc places: only the file the operator named.
+        conf.set_override("policy_dirs", [], "oslo_policy")
+        enforcer.register_defaults(BASE_RULES)
+        enforcer.register_defaults(API_RULES)
+        if path is None:
+            # Without a file oslo.policy never loads anything, defaults included.
+            enforcer.set_rules(
+                oslo_policy.Rules({r.name: r.check for r in BASE_RULES + API_RULES}),
+                use_conf=False,
+            )
+        return enforcer
+
+    def _enforce(self, rule: str, target: dict[str, Any], creds: dict[str, Any]) -> bool:
         with self._lock:
-            return bool(self.enforcer.authorize(rule, target, creds, do_raise=False))
+            path = self.enforcer.policy_path
+            if path and not os.path.exists(path):
+                # The file was removed: start again from the defaults (oslo.policy would
+                # keep its last rules and log an error at every check).
+                log.info("policy file %s removed: the default rules apply", path)
+                self.enforcer = self._new_enforcer()
+            try:
+                return bool(self.enforcer.authorize(rule, target, creds, do_raise=False))
+            except oslo_policy.PolicyNotRegistered:
+                raise
+            except Exception as exc:
+                # A file that does not parse is not loaded (oslo.policy has noted its
+                # mtime, so it is not tried again until it changes): the rules in force
+                # before it stay, and the operator reads why in the log.
+                log.error("policy file %s not loaded, the previous rules stay in force: %s",
+                          self.policy_file, exc)
+                return bool(self.enforcer.authorize(rule, target, creds, do_raise=False))
+
+    def check(self, rule: str, target: dict[str, Any], creds: dict[str, Any]) -> bool:
+        return self._enforce(rule, target, creds)
 
     def is_admin(self, user_id: str, project_id: str, roles: Iterable[str]) -> bool:
         """Cinder's ``check_is_admin``: the ``context_is_admin`` rule on the caller's roles."""
         creds = _credentials(user_id, project_id, roles, False)
-        with self._lock:
-            return bool(self.enforcer.enforce("context_is_admin", creds, creds))
+        return self._enforce("context_is_admin", creds, creds)
 
     def allowed(self, ctx: Any, rule: str, resource: Any = None) -> bool:
         if rule not in RULE_NAMES:  # a typo must fail loudly, never allow or deny quietly
