@@ -46,11 +46,6 @@ GROUP = "keystone_authtoken"
 AUTH_REQUIRED = "The request you have made requires authentication."
 UNAVAILABLE = "The Keystone service is temporarily unavailable."
 
-#: Cinder behind keystonemiddleware answers a refused token with the middleware's own
-#: body, not with its fault table's ``unauthorized`` key. Kept here for an API layer that
-#: renders a fault's ``body`` as it is (see ``KeystoneFault``).
-UNAUTHORIZED_BODY = {"error": {"code": 401, "title": "Unauthorized", "message": AUTH_REQUIRED}}
-
 #: the request headers the middleware reads (the user token, Swift's alias of it, and the
 #: service token); nothing else is handed to it, so no header a caller sends can come back
 #: as identity (the middleware strips spoofed ``X-User-Id`` and friends too)
@@ -62,15 +57,6 @@ _REACHED = "blockvault.keystone.reached"
 #: options whose values never appear anywhere blockvault writes
 SECRET_OPTIONS = frozenset({"password", "memcache_secret_key", "memcache_password",
                             "application_credential_secret", "token", "passcode"})
-
-
-class KeystoneFault(HTTPFault):
-    """An ``HTTPFault`` that also carries the exact body keystonemiddleware sends."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str],
-                 body: dict[str, Any] | None = None) -> None:
-        super().__init__(status, message, headers)
-        self.body = body
 
 
 def _inner_app(environ: dict, start_response: Any) -> list[bytes]:
@@ -118,9 +104,9 @@ def build_conf(options: Mapping[str, Any]) -> cfg.ConfigOpts:
             conf.set_override(key, str(value), group=GROUP)
             getattr(group, key)  # conversion happens on read
         except (ValueError, cfg.Error) as exc:
-            shown = "<secret>" if key in SECRET_OPTIONS else repr(value)
-            raise ValueError(f"keystone_authtoken.{key} = {shown}: {type(exc).__name__}") \
-                from None
+            if key in SECRET_OPTIONS:  # the value, and oslo's text quoting it, stay out
+                raise ValueError(f"keystone_authtoken.{key}: not a valid value") from None
+            raise ValueError(f"keystone_authtoken.{key} = {value!r}: {exc}") from None
     if not group.www_authenticate_uri:
         raise ValueError(
             "keystone_authtoken.www_authenticate_uri is required: the public Keystone URL "
@@ -219,4 +205,7 @@ class KeystoneAuthenticator:
     def _unauthorized(self, method: str, path: str, challenge: str | None = None) -> HTTPFault:
         log.info("keystone auth: refused (no valid token): %s %s", method, path)
         headers = {"WWW-Authenticate": challenge} if challenge else dict(self.challenge)
-        return KeystoneFault(401, AUTH_REQUIRED, headers, UNAUTHORIZED_BODY)
+        # The body is blockvault's fault shape for every strategy (``unauthorized``, as in
+        # reference §8); Cinder passes on the middleware's ``{"error": {...}}`` instead.
+        # Clients act on the status and the WWW-Authenticate challenge only.
+        return HTTPFault(401, AUTH_REQUIRED, headers)
