@@ -190,6 +190,13 @@ def make_routes(endpoints: list[Endpoint], services: Any) -> list[Route]:
     settings = services.settings
     # matched with fullmatch: "$" would also accept a trailing newline
     project_re = re.compile(settings.project_id_regex)
+    auth = getattr(services, "auth", None)
+    if auth is None:
+        # routes mounted on a bare settings holder (tests, embedding): the strategy its
+        # settings name, never a weaker one
+        from blockvault.api.auth import make_authenticator
+
+        auth = make_authenticator(settings, getattr(services, "db", None))
     routes: list[Route] = []
     # Project-less v3 routes first (3.67 style) so "/v3/backups" never reads as a project.
     prefixes = [("v3", False), ("v3", True), ("v2", True)]
@@ -197,13 +204,14 @@ def make_routes(endpoints: list[Endpoint], services: Any) -> list[Route]:
         for ep in endpoints:
             path = f"/{api}/{{project_id}}{ep.path}" if with_project else f"/{api}{ep.path}"
             routes.append(
-                Route(path, _endpoint(ep, api, with_project, services, project_re),
+                Route(path, _endpoint(ep, api, with_project, services, project_re, auth),
                       methods=[ep.method], name=None)
             )
     return routes
 
 
-def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project_re: Any):
+def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project_re: Any,
+              auth: Any):
     settings = services.settings
 
     async def endpoint(request: Request) -> Response:
@@ -217,7 +225,7 @@ def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project
                 headers["OpenStack-API-Version"] = f"volume {fmt(version)}"
                 headers["Vary"] = "OpenStack-API-Version"
             # the configured strategy (api/auth.py) says who is calling, or answers 401
-            ctx = await services.auth.authenticate(request)
+            ctx = await auth.authenticate(request)
             path = dict(request.path_params)
             url_project = path.pop("project_id", None)
             if url_project is not None and (
