@@ -29,7 +29,9 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML configuration file.")
-@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--host", default=None,
+              help="Address to listen on (default 127.0.0.1; with auth_strategy = noauth, "
+                   "loopback only unless noauth_allow_remote).")
 @click.option("--port", type=int, default=None, help="Port to listen on (default 8776).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Where the database, volumes and local object store live.")
