@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from blockvault.api import response_schemas as rs
 from blockvault.api.http import Endpoint, make_routes
 from blockvault.api.versions import MAX_VERSION, MIN_VERSION, fmt
 from blockvault.service.backups import BACKUP_LIST
+from blockvault.service.listing import FALSE_STRINGS, TRUE_STRINGS
 from blockvault.service.volumes import SNAPSHOT_LIST, VOLUME_LIST
 
 Schema = dict[str, Any]
@@ -132,7 +134,13 @@ def _query(name: str, schema: Schema, description: str = "") -> Schema:
     return param
 
 
-_BOOL_STRING: Schema = {"type": "string", "description": "a boolean string (true/false/1/0...)"}
+#: what the list parser takes for a boolean (anything else is a 400)
+_BOOL_STRING: Schema = {"type": "string", "enum": [*TRUE_STRINGS, *FALSE_STRINGS],
+                        "description": "a boolean string, any case"}
+
+#: schemas.is_true's values; anything else reads as false
+_IS_TRUE: Schema = {"type": "string", "description": "true if one of "
+                    + ", ".join(sorted(v for v in schemas.TRUE_VALUES if isinstance(v, str)))}
 
 
 def _list_params(spec: Any) -> list[Schema]:
@@ -165,8 +173,8 @@ QUERY_PARAMS: dict[Callable, list[Schema]] = {
     volumes.list_volumes_detail: _list_params(VOLUME_LIST),
     volumes.list_snapshots: _list_params(SNAPSHOT_LIST),
     volumes.list_snapshots_detail: _list_params(SNAPSHOT_LIST),
-    volumes.delete_volume: [_query("cascade", _BOOL_STRING, "also delete its snapshots")],
-    volumes.show_quotas: [_query("usage", _BOOL_STRING, "limits with usage")],
+    volumes.delete_volume: [_query("cascade", _IS_TRUE, "also delete its snapshots")],
+    volumes.show_quotas: [_query("usage", _IS_TRUE, "limits with usage")],
     volumes.resource_filters: [_query("resource", {"type": "string"})],
     volumes.write_data: [_query("offset", {"type": "integer", "minimum": 0},
                                 "byte offset to write at")],
@@ -294,8 +302,14 @@ def _project_regex(settings: Any) -> str:
 
 def mounted(ep: Endpoint, settings: Any = None) -> list[tuple[str, str]]:
     """(path, method) of every route make_routes mounts for one endpoint."""
-    stub = SimpleNamespace(settings=SimpleNamespace(
-        project_id_regex=_project_regex(settings), admin_users=[], public_endpoint=""))
+    from blockvault.config import Settings
+
+    base = settings if isinstance(settings, Settings) else Settings()
+    # the routes are the same whatever the authentication; noauth needs no DB or Keystone
+    fields = {"project_id_regex": _project_regex(settings)}
+    if any(f.name == "auth_strategy" for f in dataclasses.fields(Settings)):
+        fields["auth_strategy"] = "noauth"
+    stub = SimpleNamespace(settings=dataclasses.replace(base, **fields), db=None)
     out = []
     for route in make_routes([ep], stub):
         for method in sorted(route.methods or ()):
