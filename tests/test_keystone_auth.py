@@ -94,8 +94,9 @@ def keystone(tmp_path_factory):
         subprocess.run(["bash", str(TOOLS / "stop-keystone.sh"), str(run)], check=False)
 
 
-def toml_config(auth_url: str, service_password: str, **extra: str | int) -> str:
-    """The ``[keystone_authtoken]`` example of docs/auth.md, with this test's values."""
+def toml_config(auth_url: str, service_password: str | None, **extra: str | int) -> str:
+    """The ``[keystone_authtoken]`` example of docs/auth.md, with this test's values
+    (without the password when it is None: BLOCKVAULT_KEYSTONE_AUTHTOKEN__PASSWORD)."""
     lines = [
         'auth_strategy = "keystone"',
         "",
@@ -104,7 +105,7 @@ def toml_config(auth_url: str, service_password: str, **extra: str | int) -> str
         f'auth_url = "{auth_url}"',
         'auth_type = "password"',
         'username = "blockvault"',
-        f'password = "{service_password}"',
+        *([f'password = "{service_password}"'] if service_password is not None else []),
         'user_domain_name = "Default"',
         'project_name = "service"',
         'project_domain_name = "Default"',
@@ -150,8 +151,10 @@ def deployment(keystone, tmp_path_factory):
     data = tmp_path_factory.mktemp("bv-keystone")
     config = data / "blockvault.toml"
     # the token cache off, so a revocation counts at once (docs/auth.md: token_cache_time)
-    config.write_text(toml_config(keystone.auth_url, service_password, token_cache_time=-1))
-    server = Server(data, {"BLOCKVAULT_CONFIG": str(config)})
+    config.write_text(toml_config(keystone.auth_url, None, token_cache_time=-1))
+    # the password from the environment, as docs/auth.md advises, the rest from the file
+    server = Server(data, {"BLOCKVAULT_CONFIG": str(config),
+                           "BLOCKVAULT_KEYSTONE_AUTHTOKEN__PASSWORD": service_password})
     info = _load_setup_tool().setup(keystone.auth_url, ADMIN_PASSWORD, server.url,
                                     service_password, ["bva", "bvb", "bvc", "bvd"],
                                     user_password)
@@ -278,6 +281,23 @@ def test_expired_token_is_401(deployment, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_token_without_a_project_is_403(deployment):
+    """An unscoped token is a valid token that names no project: no call is for it."""
+    r = httpx.post(f"{deployment.ks.auth_url}/auth/tokens", json={"auth": {"identity": {
+        "methods": ["password"], "password": {"user": {
+            "name": "bva-member", "domain": {"id": "default"},
+            "password": deployment.user_password}}}}}, timeout=30)
+    assert r.status_code == 201 and "project" not in r.json()["token"], r.text
+    token = r.headers["X-Subject-Token"]
+    deployment.ks.issued.add(token)
+    r = httpx.get(f"{deployment.server.url}/v3/backups", headers={"X-Auth-Token": token})
+    assert (r.status_code, r.json()) == (
+        403, {"forbidden": {"code": 403, "message": "A project-scoped token is required."}})
+    r = httpx.get(f"{deployment.server.url}/v3/{deployment.project_id('bva')}/backups",
+                  headers={"X-Auth-Token": token})
+    assert r.status_code == 403
 
 
 def test_token_of_another_project_is_refused(deployment):
