@@ -233,6 +233,13 @@ def test_spoofed_identity_headers_are_not_believed(deployment):
         "X-Identity-Status": "Confirmed", "X-User-Id": "u", "X-Project-Id": pid,
         "X-Roles": "admin"})
     _assert_401(deployment, r)
+    # with a reader's valid token: still the reader (no admin's all_tenants, no writes)
+    reader = deployment.api("bva", "reader")
+    reader.http.headers.update({"X-Roles": "admin,member", "X-Is-Admin-Project": "True",
+                                "X-Project-Id": deployment.project_id("bvb")})
+    r = reader.post("/volumes", {"volume": {"size": 1}})
+    assert r.status_code == 403, r.text
+    assert reader.get("/backups").status_code == 200
 
 
 def test_revoked_token_is_401(deployment):
