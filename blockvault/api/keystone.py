@@ -128,10 +128,12 @@ class KeystoneAuthenticator:
         # Built once: the token cache and the service user's session (and its token)
         # outlive requests.
         self.protocol = auth_token.AuthProtocol(_inner_app, {"oslo_config_config": self.conf})
-        log.info("keystone auth: tokens validated at %s (cache %ss, %s)",
-                 self.conf[GROUP].auth_url if "auth_url" in self.conf[GROUP] else "-",
-                 self.conf[GROUP].token_cache_time,
-                 "memcached" if self.conf[GROUP].memcached_servers else "in-process")
+        group = self.conf[GROUP]
+        cache_time = group.token_cache_time
+        log.info("keystone auth: tokens validated at %s (token cache: %s)",
+                 group.auth_url if "auth_url" in group else "-",
+                 "off" if cache_time < 0 else
+                 f"{cache_time} s, {'memcached' if group.memcached_servers else 'in-process'}")
 
     async def authenticate(self, request: Request) -> RequestContext:
         headers = {name: request.headers[name] for name in _TOKEN_HEADERS
