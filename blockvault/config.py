@@ -33,6 +33,14 @@ class Settings:
     noauth_allow_remote: bool = False
     #: noauth: users (the user part of the token) who are admins.
     admin_users: list[str] = field(default_factory=lambda: ["admin"])
+    #: keystone: keystonemiddleware's auth_token options and its auth plugin's (TOML table
+    #: [keystone_authtoken], env BLOCKVAULT_KEYSTONE_AUTHTOKEN__<OPTION>; docs/auth.md).
+    #: Holds the service user's password: never in repr or logs.
+    keystone_authtoken: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: oslo.policy file (YAML or JSON, Cinder's rule names) overriding the policy defaults;
+    #: relative: from the config file's folder, else data_dir. Absent = defaults; re-read
+    #: when it changes (docs/policy.md).
+    policy_file: str = "policy.yaml"
     #: Scheme://host[:port][/prefix] used in links instead of the request's host.
     public_endpoint: str = ""
     availability_zone: str = "nova"
@@ -157,6 +165,10 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
         return float(value)
     if isinstance(current, Path):
         return Path(value).expanduser()
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a table of options")
+        return {**current, **{str(k): v for k, v in value.items()}}
     if isinstance(current, list):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
@@ -176,6 +188,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     if config_file:
         with open(config_file, "rb") as f:
             data = tomllib.load(f)
+        if "blockvault" in data and "keystone_authtoken" in data:
+            # [keystone_authtoken] next to [blockvault], as in an OpenStack service's file
+            data = {**data["blockvault"], "keystone_authtoken": data["keystone_authtoken"]}
         data = data.get("blockvault", data)
         unknown = sorted(set(data) - names)
         if unknown:
@@ -186,11 +201,17 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         value = os.environ.get(f"BLOCKVAULT_{name.upper()}")
         if value is not None:
             env[name] = value
+    # one option of a table each: BLOCKVAULT_KEYSTONE_AUTHTOKEN__AUTH_URL=...
+    for key, value in os.environ.items():
+        if key.startswith("BLOCKVAULT_KEYSTONE_AUTHTOKEN__") and len(key) > 31:
+            env.setdefault("keystone_authtoken", {})[key[31:].lower()] = value
     sources.append(env)
     sources.append({k: v for k, v in overrides.items() if v is not None})
     for source in sources:
         for key, value in source.items():
             setattr(settings, key, _coerce(value, getattr(settings, key), key))
+    if config_file and not Path(settings.policy_file).expanduser().is_absolute():
+        settings.policy_file = str(Path(config_file).resolve().parent / settings.policy_file)
     _check(settings)
     return settings
 

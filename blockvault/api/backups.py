@@ -26,7 +26,8 @@ def list_detail(call: Call) -> Response:
 def _list(call: Call, detail: bool) -> Response:
     page = call.services.backups.list(call.ctx, call.query, call.version)
     if detail:
-        items = [backup_detail(b, call.links, call.version, call.is_admin) for b in page.items]
+        attrs = call.ctx.allowed("backup:backup_project_attribute")
+        items = [backup_detail(b, call.links, call.version, attrs) for b in page.items]
     else:
         items = [backup_summary(b, call.links) for b in page.items]
     return list_response(call, "backups", page, items, detail)
@@ -34,7 +35,8 @@ def _list(call: Call, detail: bool) -> Response:
 
 def show(call: Call) -> Response:
     backup = call.services.backups.get(call.ctx, call.path["backup_id"])
-    return json_response({"backup": backup_detail(backup, call.links, call.version, call.is_admin)})
+    attrs = call.ctx.allowed("backup:backup_project_attribute", backup)
+    return json_response({"backup": backup_detail(backup, call.links, call.version, attrs)})
 
 
 def create(call: Call) -> Response:

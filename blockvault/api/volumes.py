@@ -426,7 +426,7 @@ def update_quotas(call: Call) -> Response:
 
 
 def limits(call: Call) -> Response:
-    limits_, used = call.services.quota_view(call.ctx, call.ctx.project_id)
+    limits_, used = call.services.used_limits(call.ctx)
     absolute = {
         "maxTotalVolumes": limits_["volumes"],
         "maxTotalSnapshots": limits_["snapshots"],
@@ -446,10 +446,12 @@ def limits(call: Call) -> Response:
 
 
 def list_types(call: Call) -> Response:
+    call.ctx.authorize("volume_extension:type_get_all")
     return json_response({"volume_types": [default_volume_type(call.is_admin)]})
 
 
 def show_type(call: Call) -> Response:
+    call.ctx.authorize("volume_extension:type_get")
     type_id = call.path["type_id"]
     if type_id not in ("default", DEFAULT_VOLUME_TYPE_ID):
         raise NotFound(f"Volume type {type_id} could not be found.")
