@@ -106,6 +106,9 @@ def _prepare(case) -> None:
             params[name] = FRESH[name]() if destructive and name in FRESH else rnd.choice(
                 REAL[name])
     case.path_parameters = params
+    if isinstance(case.query, dict) and "sort" in case.query and rnd.random() < 0.5:
+        # sort with sort_key/sort_dir is a 400 before any SQL (a rule OpenAPI cannot state)
+        case.query = {k: v for k, v in case.query.items() if k not in ("sort_key", "sort_dir")}
     if isinstance(case.query, dict) and "marker" in case.query and rnd.random() < 0.5:
         kind = case.operation.path.split("/")[-2 if case.operation.path.endswith("/detail")
                                               else -1]
