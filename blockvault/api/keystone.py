@@ -107,10 +107,9 @@ def build_conf(options: Mapping[str, Any]) -> cfg.ConfigOpts:
             if key in SECRET_OPTIONS:  # the value, and oslo's text quoting it, stay out
                 raise ValueError(f"keystone_authtoken.{key}: not a valid value") from None
             raise ValueError(f"keystone_authtoken.{key} = {value!r}: {exc}") from None
-    if "include_service_catalog" not in options:
-        # blockvault calls no other service, so it has no use for the caller's catalog:
-        # tokens are validated with ?nocatalog, a much smaller answer
-        conf.set_override("include_service_catalog", False, group=GROUP)
+    # include_service_catalog keeps its default (true) although blockvault calls no other
+    # service: the middleware checks application credentials' access rules against the
+    # token's catalog, which a ?nocatalog validation leaves out (a KeyError, tested)
     if not group.www_authenticate_uri:
         raise ValueError(
             "keystone_authtoken.www_authenticate_uri is required: the public Keystone URL "
