@@ -186,6 +186,30 @@ def test_config_refuses_unknown_and_missing_options():
         build_conf({**base, "token_cache_time": "soon"})
 
 
+def test_settings_table_from_file_forms_and_environment(tmp_path, monkeypatch):
+    """``[keystone_authtoken]`` in a flat file or beside ``[blockvault]``; single options
+    from BLOCKVAULT_KEYSTONE_AUTHTOKEN__<OPTION> override the file's; no password in repr."""
+    from blockvault.config import load_settings
+
+    flat = tmp_path / "flat.toml"
+    flat.write_text(toml_config("http://ks/v3", "pw-XYZZY"))
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[blockvault]\nport = 9876\n\n" + toml_config(
+        "http://ks/v3", "pw-XYZZY").replace('auth_strategy = "keystone"\n', ""))
+    for path in (flat, nested):
+        settings = load_settings(path)
+        assert settings.keystone_authtoken["auth_url"] == "http://ks/v3"
+        assert settings.keystone_authtoken["password"] == "pw-XYZZY"
+        assert "pw-XYZZY" not in repr(settings)
+    assert load_settings(nested).port == 9876
+    monkeypatch.setenv("BLOCKVAULT_KEYSTONE_AUTHTOKEN__PASSWORD", "from-env")
+    monkeypatch.setenv("BLOCKVAULT_KEYSTONE_AUTHTOKEN__TOKEN_CACHE_TIME", "-1")
+    table = load_settings(flat).keystone_authtoken
+    assert (table["password"], table["token_cache_time"], table["username"]) == (
+        "from-env", "-1", "blockvault")
+    assert build_conf(table)["keystone_authtoken"].token_cache_time == -1
+
+
 def test_server_refuses_to_start_with_a_bad_option(tmp_path):
     config = tmp_path / "blockvault.toml"
     config.write_text(toml_config("http://127.0.0.1:9/v3", "pw-PLUGH", bogus_option="x"))
