@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -28,7 +29,7 @@ from tests.server import Api, Server, free_port
 pytest.importorskip("keystonemiddleware.auth_token")
 pytest.importorskip("keystoneauth1.session")
 
-from blockvault.api.keystone import AUTH_REQUIRED, build_conf
+from blockvault.api.keystone import AUTH_REQUIRED, KeystoneAuthenticator, build_conf
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools" / "keystone"
 MiB = 1024 * 1024
@@ -184,6 +185,14 @@ def test_config_refuses_unknown_and_missing_options():
         build_conf({k: v for k, v in base.items() if k != "auth_type"})
     with pytest.raises(ValueError, match="token_cache_time = 'soon'"):
         build_conf({**base, "token_cache_time": "soon"})
+    # what only the middleware and its auth plugin check, at start-up too
+    with pytest.raises(ValueError, match="requires parameters.*auth_url") as exc:
+        KeystoneAuthenticator(SimpleNamespace(keystone_authtoken={
+            k: v for k, v in base.items() if k != "auth_url"}))
+    assert "pw-XYZZY" not in str(exc.value)
+    with pytest.raises(ValueError, match="memcache_secret_key must be defined"):
+        KeystoneAuthenticator(SimpleNamespace(keystone_authtoken={
+            **base, "memcache_security_strategy": "ENCRYPT"}))
 
 
 def test_settings_table_from_file_forms_and_environment(tmp_path, monkeypatch):

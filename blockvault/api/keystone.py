@@ -25,8 +25,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from keystoneauth1 import exceptions as ksa_exceptions
 from keystoneauth1 import loading as ks_loading
 from keystonemiddleware import auth_token
+from keystonemiddleware import exceptions as ksm_exceptions
 from oslo_config import cfg
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -126,7 +128,13 @@ class KeystoneAuthenticator:
         self.challenge = {"WWW-Authenticate": f'Keystone uri="{self.www_authenticate_uri}"'}
         # Built once: the token cache and the service user's session (and its token)
         # outlive requests.
-        self.protocol = auth_token.AuthProtocol(_inner_app, {"oslo_config_config": self.conf})
+        try:
+            self.protocol = auth_token.AuthProtocol(_inner_app,
+                                                    {"oslo_config_config": self.conf})
+        except (ksa_exceptions.AuthPluginException, ksm_exceptions.ConfigurationError) as exc:
+            # e.g. "Auth plugin requires parameters which were not given: auth_url": option
+            # names, never values; a ValueError stops ``blockvault serve`` with it, no trace
+            raise ValueError(f"keystone_authtoken: {exc}") from None
         group = self.conf[GROUP]
         cache_time = group.token_cache_time
         log.info("keystone auth: tokens validated at %s (token cache: %s)",
