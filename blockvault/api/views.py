@@ -98,8 +98,12 @@ def volume_summary(v: Volume, links: Links) -> dict[str, Any]:
 
 
 def volume_detail(
-    v: Volume, links: Links, version: tuple[int, int], is_admin: bool
+    v: Volume, links: Links, version: tuple[int, int], is_admin: bool,
+    extended: bool = True,
 ) -> dict[str, Any]:
+    """A volume as Cinder shows it. ``extended``: with the admin-only attributes of Cinder's
+    tenant, host and migration-status extensions, which extend show and the detail list only
+    (not create or update; Tempest's schemas refuse them there)."""
     view: dict[str, Any] = {
         "id": v.id,
         "name": v.display_name,
@@ -123,7 +127,7 @@ def volume_detail(
         "user_id": v.user_id,
         "migration_status": None,
     }
-    if is_admin:
+    if is_admin and extended:
         view["os-vol-tenant-attr:tenant_id"] = v.project_id
         view["os-vol-host-attr:host"] = "blockvault@rawfile#rawfile"
         view["os-vol-mig-status-attr:migstat"] = None

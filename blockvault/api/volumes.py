@@ -133,8 +133,8 @@ def _excerpt(value: Any) -> str:
 # -- volumes ----------------------------------------------------------------------------
 
 
-def _volume(call: Call, vol) -> dict:
-    return {"volume": volume_detail(vol, call.links, call.version, call.is_admin)}
+def _volume(call: Call, vol, extended: bool = True) -> dict:
+    return {"volume": volume_detail(vol, call.links, call.version, call.is_admin, extended)}
 
 
 def create_volume(call: Call) -> Response:
@@ -154,7 +154,7 @@ def create_volume(call: Call) -> Response:
             call.ctx, v["backup_id"], None if size is None else _size(size), **fields
         )
         vol = call.services.volumes.get(call.ctx, volume_id)  # restoring-backup until done
-        return json_response(_volume(call, vol), 202)
+        return json_response(_volume(call, vol, extended=False), 202)
     if size is None and not (v.get("snapshot_id") or v.get("source_volid")):
         raise invalid_input("Volume size 'None' must be an integer and greater than 0.")
     vol = call.services.volumes.create(
@@ -164,7 +164,7 @@ def create_volume(call: Call) -> Response:
         source_volid=v.get("source_volid"),
         **fields,
     )
-    return json_response(_volume(call, vol), 202)
+    return json_response(_volume(call, vol, extended=False), 202)
 
 
 def list_volumes(call: Call) -> Response:
@@ -196,7 +196,7 @@ def update_volume(call: Call) -> Response:
     if "metadata" in v:
         changes["metadata_"] = dict(v["metadata"])
     vol = call.services.volumes.update(call.ctx, call.path["volume_id"], changes)
-    return json_response(_volume(call, vol))
+    return json_response(_volume(call, vol, extended=False))
 
 
 def delete_volume(call: Call) -> Response:
