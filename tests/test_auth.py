@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from blockvault.api.auth import is_loopback
+from tests.pg import pg_database
 from tests.server import Server, free_port
 
 KEY_RE = re.compile(r"bvk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
@@ -370,18 +371,8 @@ def test_blockvault_client_with_a_key(server, tmp_path):
 
 @pytest.fixture
 def pg_url():
-    psycopg = pytest.importorskip("psycopg")
-    pg = os.environ.get("BLOCKVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"bv_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(pg, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {pg}: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    base = pg.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
+    with pg_database() as url:
+        yield url
 
 
 def test_keys_on_postgresql_count_in_every_process(tmp_path, pg_url):

@@ -24,28 +24,17 @@ from blockvault.server import Services
 from blockvault.service.backups import queue_job
 from blockvault.service.context import RequestContext
 from blockvault.service.jobs import JobRunner, finish_job
+from tests.pg import pg_database
 from tests.server import Server, free_port
 
 MiB = 1024 * 1024
-PG = os.environ.get("BLOCKVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
         return
-    psycopg = pytest.importorskip("psycopg")
-    name = f"bv_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG}: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
+    with pg_database() as url:
+        yield url
 
 
 def _db(url: str) -> Database:

@@ -31,45 +31,24 @@ from blockvault.server import Services
 from blockvault.service.context import RequestContext
 from blockvault.service.jobs import JobRunner
 from blockvault.service.tasks import Tasks
+from tests.pg import pg_database
 from tests.server import Server
 
 MiB = 1024 * 1024
 GiB = 1024**3
-PG = os.environ.get("BLOCKVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _pg_database() -> tuple[str, object]:
-    psycopg = pytest.importorskip("psycopg")
-    name = f"bv_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG}: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-
-    def drop() -> None:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
-
-    return f"{base}/{name}", drop
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
         return
-    url, drop = _pg_database()
-    yield url
-    drop()
+    with pg_database() as url:
+        yield url
 
 
 @pytest.fixture
 def pg_url():
-    url, drop = _pg_database()
-    yield url
-    drop()
+    with pg_database() as url:
+        yield url
 
 
 def _wait(cond, timeout: float = 30, what: str = "condition"):

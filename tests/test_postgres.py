@@ -8,25 +8,17 @@ import uuid
 
 import pytest
 
+from tests.pg import pg_database
 from tests.server import Server
 
 psycopg = pytest.importorskip("psycopg")
 MiB = 1024 * 1024
-PG = os.environ.get("BLOCKVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="module")
 def pg_url():
-    name = f"bv_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG}: {exc}")
-    admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
+    with pg_database() as url:
+        yield url
 
 
 def test_two_processes_share_one_database(tmp_path, pg_url):
@@ -98,32 +90,27 @@ def test_simultaneous_start_on_a_fresh_database(tmp_path):
     """Two processes migrating one empty database at once: one migrates, both serve."""
     import threading
 
-    name = f"bv_{uuid.uuid4().hex[:12]}"
-    admin = psycopg.connect(PG, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    env = {"BLOCKVAULT_DATABASE_URL": f"{base}/{name}"}
-    servers = [Server(tmp_path / f"s{i}", env) for i in range(2)]
-    errors: list[BaseException] = []
+    with pg_database() as url:
+        env = {"BLOCKVAULT_DATABASE_URL": url}
+        servers = [Server(tmp_path / f"s{i}", env) for i in range(2)]
+        errors: list[BaseException] = []
 
-    def start(srv: Server) -> None:
+        def start(srv: Server) -> None:
+            try:
+                srv.start()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(s,)) for s in servers]
         try:
-            srv.start()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
-        vol = servers[0].client("alice", "p").create_volume(1)
-        r = servers[1].client("alice", "p").get(f"/volumes/{vol}")
-        assert r.status_code == 200
-    finally:
-        for s in servers:
-            s.stop()
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == []
+            vol = servers[0].client("alice", "p").create_volume(1)
+            r = servers[1].client("alice", "p").get(f"/volumes/{vol}")
+            assert r.status_code == 200
+        finally:
+            for s in servers:
+                s.stop()
