@@ -2,16 +2,24 @@
 # tools/tempest/run-tempest.sh RUN_DIR
 #
 # Runs Tempest's volume backup tests against a blockvault registered in a Keystone v3
-# catalog (reference §11): Tempest is pip-installed into its own cached venv
-# (TEMPEST_VENV [~/.cache/blockvault/tempest-venv], TEMPEST_PIP_SPEC [tempest==47.0.0]),
-# RUN_DIR gets tempest.conf, the run's logs and results.json ({test id: status}).
+# catalog (reference §11): Tempest and cinder-tempest-plugin are pip-installed into their
+# own cached venv (TEMPEST_VENV [~/.cache/blockvault/tempest-venv], TEMPEST_PIP_SPEC
+# [tempest==47.0.0 cinder-tempest-plugin==1.23.0]); RUN_DIR gets tempest.conf, the run's
+# logs and results.json ({test id: {status, details}}).
 #
 # What it needs (environment):
 #   OS_AUTH_URL            Keystone v3, e.g. http://keystone:5000/v3           (required)
 #   TEMPEST_ACCOUNTS_FILE  Tempest pre-provisioned accounts (YAML)             (required)
-#                          one project with a user holding `member` and one holding `reader`,
-#                          a second non-admin user (the quota tests' `alt`), and an admin
-#                          (`types: [admin]`); one such set per worker (TEMPEST_WORKERS).
+#                          backups suite: one project with a user holding `member` and one
+#                          holding `reader`, a second non-admin user (the quota tests' `alt`),
+#                          and an admin of ANOTHER project (`types: [admin]`; the plugin's
+#                          cross-project tests need it elsewhere); rbac suite: a member, a
+#                          reader and an admin (`roles: [admin]`) of ONE project. One such
+#                          set per worker (TEMPEST_WORKERS).
+#   TEMPEST_SUITE          backups [default]: Tempest's backup tests, the backup tests among
+#                          its snapshot and quota tests, cinder-tempest-plugin's backup tests;
+#                          rbac: cinder-tempest-plugin's backup RBAC tests (reader, member and
+#                          admin of one project against Cinder's default policy)
 #   BLOCKVAULT_URL         blockvault's root, e.g. http://bv:8776: checked to answer with
 #                          the versions document before Tempest starts           (optional)
 #   OS_REGION_NAME         [RegionOne]
@@ -28,6 +36,7 @@
 #                          network endpoint in the catalog), never pass silently.
 #   TEMPEST_REGEX          override the test selection (a `tempest run --regex`)
 #   TEMPEST_TIMEOUT        seconds for the whole `tempest run` [900]
+#   TEMPEST_BUILD_TIMEOUT  seconds Tempest waits for a status [300]
 #   TEMPEST_INSTALL_ONLY=1 install the venv and stop
 # Exit status: Tempest's (0 when nothing failed).
 set -euo pipefail
@@ -36,7 +45,7 @@ RUN_DIR=${1:?usage: $0 RUN_DIR}
 mkdir -p "$RUN_DIR"
 RUN_DIR=$(cd "$RUN_DIR" && pwd -P)
 VENV=${TEMPEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/blockvault/tempest-venv}
-SPEC=${TEMPEST_PIP_SPEC:-tempest==47.0.0}
+SPEC=${TEMPEST_PIP_SPEC:-tempest==47.0.0 cinder-tempest-plugin==1.23.0}
 
 log() { echo "[run-tempest $(date +%H:%M:%S)] $*" >&2; }
 
@@ -49,7 +58,8 @@ if [ "$(cat "$VENV/.blockvault-pip-spec" 2>/dev/null)" != "$SPEC" ]; then
             log "creating venv $VENV and pip installing $SPEC"
             rm -rf "$VENV"
             /usr/bin/python3 -m venv "$VENV"
-            "$VENV/bin/pip" install -q "$SPEC" >"$RUN_DIR/pip.log" 2>&1 ||
+            # shellcheck disable=SC2086 # the spec is a list of requirements
+            "$VENV/bin/pip" install -q $SPEC >"$RUN_DIR/pip.log" 2>&1 ||
                 { tail -n 30 "$RUN_DIR/pip.log" >&2; exit 1; }
             echo "$SPEC" >"$VENV/.blockvault-pip-spec"
         fi
@@ -80,9 +90,16 @@ if [ -n "${BLOCKVAULT_URL:-}" ]; then
     fi
 fi
 
-# Tempest's backup tests (reference §11), and among the snapshot and quota tests those
-# that create a backup or read, set or count the backup quotas.
-REGEX=${TEMPEST_REGEX:-'^tempest\.api\.volume\.(test_volumes_backup|admin\.test_volumes_backup|admin\.test_backups)\.|^tempest\.api\.volume\.test_volumes_snapshots\.VolumesSnapshotTestJSON\.test_snapshot_backup\b|^tempest\.api\.volume\.admin\.test_volume_quotas\.VolumeQuotasAdminTestJSON\.(test_list_quotas|test_list_default_quotas|test_update_all_quota_resources_for_tenant|test_show_quota_usage)\b'}
+case ${TEMPEST_SUITE:-backups} in
+    # Tempest's backup tests (reference §11); among its snapshot and quota tests those that
+    # create a backup or read, set or count the backup quotas; cinder-tempest-plugin's
+    # backup tests but test_incremental_backup, which boots a server from an image and
+    # (unlike Tempest's own) is not marked as needing compute and image.
+    backups) SUITE_REGEX='^tempest\.api\.volume\.(test_volumes_backup|admin\.test_volumes_backup|admin\.test_backups)\.|^tempest\.api\.volume\.test_volumes_snapshots\.VolumesSnapshotTestJSON\.test_snapshot_backup\b|^tempest\.api\.volume\.admin\.test_volume_quotas\.VolumeQuotasAdminTestJSON\.(test_list_quotas|test_list_default_quotas|test_update_all_quota_resources_for_tenant|test_show_quota_usage)\b|^cinder_tempest_plugin\.api\.volume\.(admin\.)?test_volume_backup\.VolumesBackupsTest\.(?!test_incremental_backup\[)' ;;
+    rbac) SUITE_REGEX='^cinder_tempest_plugin\.rbac\.v3\.test_backups\.' ;;
+    *) log "TEMPEST_SUITE is backups or rbac"; exit 2 ;;
+esac
+REGEX=${TEMPEST_REGEX:-$SUITE_REGEX}
 
 mkdir -p "$RUN_DIR/etc" "$RUN_DIR/locks"
 cat >"$RUN_DIR/etc/tempest.conf" <<EOF
@@ -130,7 +147,7 @@ max_microversion = $MAX_MV
 backup_driver = posix
 volume_size = 1
 build_interval = 1
-build_timeout = 300
+build_timeout = ${TEMPEST_BUILD_TIMEOUT:-300}
 
 [volume-feature-enabled]
 backup = True
@@ -150,7 +167,7 @@ group_regex=([^\.]*\.)*
 EOF
 rm -rf "$RUN_DIR/.stestr" "$RUN_DIR/results.json"
 
-log "tempest run against $AUTH_URL ($CATALOG_TYPE, volume $MAX_MV, $WORKERS worker(s), neutron gate ${TEMPEST_NEUTRON_GATE:-closed})"
+log "tempest run against $AUTH_URL (suite ${TEMPEST_SUITE:-backups}, $CATALOG_TYPE, volume $MAX_MV, $WORKERS worker(s), neutron gate ${TEMPEST_NEUTRON_GATE:-closed})"
 started=$(date +%s)
 set +e
 (cd "$RUN_DIR" && TEMPEST_CONFIG_DIR="$RUN_DIR/etc" timeout "${TEMPEST_TIMEOUT:-900}" \
