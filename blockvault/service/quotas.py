@@ -136,9 +136,13 @@ class Quotas:
             )
         self._check_gigabytes(limits, used, size)
 
-    def check_extend(self, s: Session, project_id: str, delta: int) -> None:
+    def check_extend(self, s: Session, project_id: str, delta: int,
+                     new_size: int | None = None) -> None:
         self._serialize(s, project_id)
-        self._check_gigabytes(self.limits(s, project_id), self.usage(s, project_id), delta)
+        limits = self.limits(s, project_id)
+        if new_size is not None:
+            self._check_volume_size(limits, new_size)
+        self._check_gigabytes(limits, self.usage(s, project_id), delta)
 
     @staticmethod
     def _check_volume_size(limits: dict[str, int], size: int) -> None:

@@ -309,7 +309,7 @@ class VolumeService:
                     f"{vol.size}, extended: {new_size})."
                 )
             check_size(new_size, "new_size")
-            self.quotas.check_extend(s, ctx.project_id, new_size - vol.size)
+            self.quotas.check_extend(s, ctx.project_id, new_size - vol.size, new_size)
             try:
                 self.driver.extend(vol.id, new_size)
             except CapacityError as exc:
