@@ -298,6 +298,10 @@ def test_snapshot_and_volume_replies_as_tempest_schemas_want(noauth_server):
     for body in (alice.get(f"/snapshots/{snap['id']}").json()["snapshot"],
                  alice.get("/snapshots/detail").json()["snapshots"][0]):
         assert (body[ext[0]], body[ext[1]]) == ("100%", "proja"), body
+    # a null volume_id passes Cinder's schema and finds no volume
+    r = alice.post("/snapshots", {"snapshot": {"volume_id": None, "name": "s"}})
+    assert (r.status_code, r.json()) == (404, {"itemNotFound": {
+        "code": 404, "message": "Volume None could not be found."}}), r.text
 
 
 def test_quota_set_has_groups_and_per_volume_gigabytes(noauth_server):
