@@ -191,6 +191,62 @@ def test_reader_and_member_on_volumes_snapshots_quotas_and_types(server, people)
     assert (r.status_code, r.json()) == (403, forbidden("volume:delete_snapshot"))
 
 
+#: the attach handshake steps a hypervisor drives, and Cinder's rule for each
+HANDSHAKE = {
+    "os-reserve": "volume_extension:volume_actions:reserve",
+    "os-unreserve": "volume_extension:volume_actions:unreserve",
+    "os-begin_detaching": "volume_extension:volume_actions:begin_detaching",
+    "os-roll_detaching": "volume_extension:volume_actions:roll_detaching",
+    "os-initialize_connection": "volume_extension:volume_actions:initialize_connection",
+    "os-terminate_connection": "volume_extension:volume_actions:terminate_connection",
+}
+
+
+def test_attach_handshake_actions_are_a_members(server, people):
+    """The handshake steps change nothing in blockvault, but a reader is refused them under
+    Cinder's rule as Cinder refuses it; another project's volume is 404 first."""
+    reader, member, outsider = people["reader"], people["member"], people["outsider"]
+    vol = member.create_volume(1)
+    for action, rule in HANDSHAKE.items():
+        arg = {"connector": {}} if action.endswith("_connection") else {}
+        r = reader.post(f"/volumes/{vol}/action", {action: arg})
+        assert (r.status_code, r.json()) == (403, forbidden(rule)), action
+        r = outsider.post(f"/volumes/{vol}/action", {action: arg})
+        assert (r.status_code, r.json()["itemNotFound"]["message"]) == \
+            (404, f"Volume {vol} could not be found."), action
+        r = member.post(f"/volumes/{vol}/action", {action: arg})
+        assert r.status_code == 202, (action, r.text)
+    r = reader.post(f"/volumes/{vol}/action", {"os-attach": {"mountpoint": "/dev/vdb"}})
+    assert (r.status_code, r.json()) == (403, forbidden("volume_extension:volume_actions:attach"))
+
+
+def test_create_from_a_snapshot_or_volume_checks_get_on_the_source(server, people):
+    """Cinder reads the source with its own get rule after volume:create: an operator who
+    makes those admin-only keeps members from cloning what they may no longer read."""
+    member = people["member"]
+    vol = member.create_volume(1)
+    snap = member.post("/snapshots", {"snapshot": {"volume_id": vol}})
+    assert snap.status_code == 202, snap.text
+    snap_id = snap.json()["snapshot"]["id"]
+    member.wait("snapshot", snap_id, {"available"})
+    policy_file = server.data_dir / "policy.yaml"
+    try:
+        time.sleep(0.01)
+        policy_file.write_text('"volume:get_snapshot": "rule:admin_api"\n'
+                               '"volume:get": "rule:admin_api"\n')
+        r = member.post("/volumes", {"volume": {"snapshot_id": snap_id}})
+        assert (r.status_code, r.json()) == (403, forbidden("volume:get_snapshot"))
+        r = member.post("/volumes", {"volume": {"source_volid": vol}})
+        assert (r.status_code, r.json()) == (403, forbidden("volume:get"))
+        r = people["admin"].post("/volumes", {"volume": {"source_volid": vol}})
+        assert r.status_code == 202, r.text
+    finally:
+        policy_file.unlink(missing_ok=True)
+    for body in ({"snapshot_id": snap_id}, {"source_volid": vol}):
+        r = member.post("/volumes", {"volume": body})
+        assert r.status_code == 202, r.text
+
+
 def test_admin_only_fields_and_all_tenants_follow_the_policy(server, people):
     """Project attributes (3.18 ``os-backup-project-attr:project_id``) and all_tenants are
     the admin's: an admin sees them, a member with the same microversion does not."""

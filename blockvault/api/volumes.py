@@ -207,6 +207,19 @@ def delete_volume(call: Call) -> Response:
     return accepted()
 
 
+#: The attach handshake steps a hypervisor drives: blockvault has no connection to set up,
+#: so each is the volume's lookup (another project's is 404) and Cinder's policy check.
+_HANDSHAKE = {
+    "os-reserve": dict(rule="volume_extension:volume_actions:reserve"),
+    "os-unreserve": dict(rule="volume_extension:volume_actions:unreserve"),
+    "os-begin_detaching": dict(rule="volume_extension:volume_actions:begin_detaching"),
+    "os-roll_detaching": dict(rule="volume_extension:volume_actions:roll_detaching"),
+    "os-initialize_connection": dict(
+        rule="volume_extension:volume_actions:initialize_connection"),
+    "os-terminate_connection": dict(rule="volume_extension:volume_actions:terminate_connection"),
+}
+
+
 def volume_action(call: Call) -> Response:
     body = call.body
     schemas.validate(schemas.single_action, body)
@@ -226,9 +239,8 @@ def volume_action(call: Call) -> Response:
     elif key == "os-reset_status":
         schemas.validate(schemas.volume_reset_status, body)
         volumes.reset_status(call.ctx, volume_id, body[key]["status"])
-    elif key in ("os-reserve", "os-unreserve", "os-begin_detaching", "os-roll_detaching",
-                 "os-initialize_connection", "os-terminate_connection"):
-        pass  # attach handshake steps a hypervisor would drive; nothing to do here
+    elif key in _HANDSHAKE:
+        volumes.get(call.ctx, volume_id, **_HANDSHAKE[key])
     else:
         raise HTTPFault(
             400,

@@ -140,6 +140,7 @@ class VolumeService:
             src_path = None
             if snapshot_id:
                 snap = visible_snapshot(s, ctx, snapshot_id)
+                ctx.authorize("volume:get_snapshot", snap)  # Cinder's get_snapshot on it
                 if snap.status != "available":
                     raise invalid_input(f"Snapshot {snapshot_id} must be available.")
                 size = size or snap.size
@@ -148,6 +149,7 @@ class VolumeService:
                 src_path = self.driver.snapshot_path(snap.id)
             if source_volid:
                 src = visible_volume(s, ctx, source_volid)
+                ctx.authorize("volume:get", src)  # Cinder's get_volume on it
                 if src.status not in ("available", "in-use"):
                     raise invalid_volume("Source volume must be available or in-use.")
                 size = size or src.size
