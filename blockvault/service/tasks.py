@@ -83,7 +83,7 @@ def fail_reason(exc: BaseException) -> str:
     path, an internal endpoint or a credential. Callers log ``exc`` itself, detail and all.
     """
     if isinstance(exc, StoreUnavailable):
-        text = "The object store could not be reached; try again later."
+        text = "The object store was unreachable; try again later."
     elif isinstance(exc, StoreFull):
         where = f" while writing {exc.name}" if exc.name else ""
         text = f"The object store is full ({exc.reason}){where}."
