@@ -364,7 +364,7 @@ def test_fail_reason_keeps_object_names_and_drops_endpoints():
     assert "packs/1a/1a2b3c" in fail_reason(DataError("pack packs/1a/1a2b3c is missing"))
     unreachable = fail_reason(StoreUnavailable(
         "swift: GET x: HTTPConnectionPool(host='10.1.2.3', port=8080): url: /v1/AUTH_a"))
-    assert unreachable == "The object store could not be reached; try again later."
+    assert unreachable == "The object store was unreachable; try again later."
     denied = fail_reason(StorePermanentError(
         "swift: GET x: 401 from https://keystone.internal:5000/v3/auth/tokens"))
     assert not _leaks(denied, "keystone.internal", "5000"), denied
