@@ -16,14 +16,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import blake3
 import lz4.block
 import zstandard
 
-from blockvault.directio import AlignedBuffer, open_direct
+from blockvault.directio import AlignedBuffer
 from blockvault.engine.codecs import thread_codecs, zstd_stored_block
 from blockvault.engine.config import BackupResult, Progress, Throttle
 from blockvault.engine.errors import Cancelled, DataError, EngineError
@@ -42,7 +41,7 @@ from blockvault.engine.format import (
 )
 from blockvault.engine.index import Index
 from blockvault.engine.marks import read_marks, write_refs
-from blockvault.engine.source import READ_CHUNK, chunks, read_into, volume_length
+from blockvault.engine.source import READ_CHUNK, Source, chunks
 from blockvault.store import Container, StoreError
 
 if TYPE_CHECKING:
@@ -229,12 +228,12 @@ class BackupRun:
         """Is ``bid`` in the pack being built or in one being uploaded (not yet indexed)?"""
         return bid in self.unindexed
 
-    def _read(self, rb: AlignedBuffer, fd: int, offset: int, length: int,
+    def _read(self, rb: AlignedBuffer, src: Source, offset: int, length: int,
               readable: int) -> None:
         """Reader thread: fill ``rb``. Reads run apart from the CPU workers because direct
         reads are synchronous: a worker that read for itself would leave its core idle
         while the device works."""
-        read_into(fd, rb, offset, length, readable, self.direct_fd)
+        src.read_into(rb, offset, length, readable)
 
     def _process(self, read: Future, rb: AlignedBuffer, offset: int, length: int,
                  parent: dict[int, tuple] | None) -> list[tuple]:
@@ -452,20 +451,20 @@ class BackupRun:
         if self.cancelled is not None and self.cancelled():
             raise Cancelled("backup cancelled")
 
-    def _work(self, fd: int, readable: int, nblocks: int,
+    def _work(self, src: Source, readable: int, nblocks: int,
               ranges: list[tuple[int, int]] | None) -> Iterator[tuple[str, int, int]]:
         """Units of work in block order: ("read", offset, length) or ("copy", first block,
         end block) — the latter taken from the parent manifest without reading."""
         bs = self.bs
         if ranges is None:
-            for off, length in chunks(fd, readable, bs):
+            for off, length in chunks(src, readable, bs):
                 yield "read", off, length
             return
         prev = 0
         for a, b in ranges:
             if a > prev:
                 yield "copy", prev, a
-            for off, length in chunks(fd, readable, bs, start=a * bs, stop=b * bs):
+            for off, length in chunks(src, readable, bs, start=a * bs, stop=b * bs):
                 yield "read", off, length
             prev = b
         if prev < nblocks:
@@ -564,7 +563,7 @@ class BackupRun:
         self._pack(items)
 
     # -- driver ----------------------------------------------------------------------------
-    def run(self, backup_id: str, source: Path, size: int, parent_id: str | None,
+    def run(self, backup_id: str, src: Source, size: int, parent_id: str | None,
             progress: Progress | None,
             changed: Sequence[tuple[int, int]] | None = None) -> BackupResult:
         bs = self.bs
@@ -586,14 +585,20 @@ class BackupRun:
                              "backup", parent_id)
                 elif pm.block_size == bs:
                     self.parent = ParentEntries(pm.raw_segments())
-                    if changed is not None and pm.size == size:
-                        ranges = block_ranges(changed, size, bs)
+                    if pm.size == size:
+                        if changed is None:  # the source's own tracking, if it vouches
+                            changed = src.changed_extents()
+                            if changed is None:
+                                log.info("backup %s: %s has no change tracking that covers "
+                                         "everything since parent %s; reading it whole",
+                                         backup_id, src.name, parent_id)
+                        if changed is not None:
+                            ranges = block_ranges(changed, size, bs)
                 else:
                     log.info("parent %s has another block size; doing a full backup", parent_id)
             except DataError as e:
                 log.info("parent %s unusable (%s); doing a full backup", parent_id, e)
         self.comp_q: deque[Future] = deque()
-        fd = os.open(source, os.O_RDONLY)
         # Direct reads save the kernel's copy into fresh cache pages: most of the system
         # time of a full backup, which is CPU-bound (it compresses all it reads). An
         # incremental that reads everything mostly hashes and compares and is bound by the
@@ -603,19 +608,13 @@ class BackupRun:
         # incremental that reads the whole volume.
         use_direct = self.engine.config.direct_io and (
             not self.parent.usable or ranges is not None)
-        self.direct_fd = open_direct(source, os.O_RDONLY) if use_direct else None
+        src.open(bool(use_direct))
         try:
-            try:  # doubles the kernel's readahead window (for what is read buffered)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            except OSError:
-                pass
             self.engine.cache_dir.mkdir(parents=True, exist_ok=True)
             self.tmp = tempfile.TemporaryFile(  # closed in the finally below
                 dir=self.engine.cache_dir, prefix="manifest-")
         except BaseException:
-            os.close(fd)
-            if self.direct_fd is not None:
-                os.close(self.direct_fd)
+            src.close()
             raise
         pool = ThreadPoolExecutor(max_workers=self.engine.workers, thread_name_prefix="bv-cpu")
         readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="bv-read")
@@ -628,25 +627,25 @@ class BackupRun:
         stop_publishing = threading.Event()
         publishing: threading.Thread | None = None
         try:
-            readable = min(size, volume_length(fd))
+            readable = min(size, src.length())
             def read(a: int, b: int) -> None:
                 parent = self._parent_slice(a // bs, (a + b) // bs)
                 # Blocks while every buffer is being read or digested: bounded memory.
                 rb = self._free_bufs.get()
-                done = readers.submit(self._read, rb, fd, a, b, readable)
+                done = readers.submit(self._read, rb, src, a, b, readable)
                 self._queue(pool.submit(self._process, done, rb, a, b, parent))
 
             publishing = threading.Thread(target=self._publisher, args=(stop_publishing,),
                                           name="bv-refs", daemon=True)
             publishing.start()
-            for kind, a, b in self._work(fd, readable, nblocks, ranges):
+            for kind, a, b in self._work(src, readable, nblocks, ranges):
                 self._check_cancel()
                 if kind == "read":
                     read(a, b)
                     report(a)
                 else:
                     for lo, hi in self._copy_parent(a, b):
-                        for off, length in chunks(fd, readable, bs, start=lo * bs,
+                        for off, length in chunks(src, readable, bs, start=lo * bs,
                                                   stop=hi * bs):
                             read(off, length)
                     report(b * bs)
@@ -673,9 +672,7 @@ class BackupRun:
             readers.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
             self.upload_pool.shutdown(wait=True, cancel_futures=True)
-            os.close(fd)
-            if self.direct_fd is not None:
-                os.close(self.direct_fd)
+            src.close()
             self.tmp.close()
             for idx in self._tls_indexes:
                 idx.close()

@@ -35,6 +35,7 @@ from blockvault.engine.format import (
     record_object,
 )
 from blockvault.engine.index import Index
+from blockvault.engine.source import Source, Target, as_source
 from blockvault.store import Backend, Container, ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
@@ -193,13 +194,18 @@ class Engine:
         return size
 
     # -- backup -------------------------------------------------------------------------
-    def backup(self, *, container: str, backup_id: str, source: Path, size: int,
+    def backup(self, *, container: str, backup_id: str, source: Path | str | Source,
+               size: int,
                parent_id: str | None = None, record: dict | None = None,
                progress: Progress | None = None,
                cancelled: Callable[[], bool] | None = None,
                changed: Sequence[tuple[int, int]] | None = None,
                scope: str | None = None) -> BackupResult:
         """Back up ``size`` bytes of ``source`` as ``backup_id``.
+
+        ``source`` is a :class:`~blockvault.engine.source.Source` or the path of a file or
+        block device (read as a ``FileSource``). Errors reading it propagate, and no
+        manifest is written.
 
         ``scope`` is the dedup scope the backup belongs to (the service passes the
         backup's project id): with ``dedup_scope = "project"`` its blocks are deduplicated
@@ -212,7 +218,8 @@ class Engine:
         (offset, length) may differ from the parent backup's data: every block outside them
         is taken from the parent's manifest without reading the source. It is ignored (a
         normal full read) when the parent is missing, unreadable or of another size or block
-        size.
+        size. Without it, an incremental asks the source for its own changed extents
+        (``Source.changed_extents``, e.g. a dirty bitmap) and reads it whole without them.
         """
         check_id(backup_id)
         if parent_id is not None:
@@ -240,7 +247,8 @@ class Engine:
                 run = BackupRun(self, c, container, cfg, index, writer, cancelled, bad,
                                 started, scope)
                 runs.append(run)
-                result = run.run(backup_id, Path(source), size, parent_id, progress, changed)
+                result = run.run(backup_id, as_source(source), size, parent_id, progress,
+                                 changed)
                 lost = self._lost_references(c, cfg, index, run, time.monotonic() - started)
                 if lost is not None and not lost:
                     break
@@ -290,7 +298,8 @@ class Engine:
         prune.discard(self.backend.open(container, create=False), backup_id)
 
     # -- stages -------------------------------------------------------------------------
-    def restore(self, *, container: str, backup_id: str, target: Path, target_is_new: bool,
+    def restore(self, *, container: str, backup_id: str, target: Path | str | Target,
+                target_is_new: bool,
                 progress: Progress | None = None,
                 cancelled: Callable[[], bool] | None = None) -> None:
         restorer.restore(self, container=container, backup_id=backup_id, target=target,

@@ -1,4 +1,17 @@
-"""Restore: stream a manifest, fetch and check its blobs, write them into the target."""
+"""Restore: stream a manifest, fetch and check its blobs, write them into the target.
+
+The target is a :class:`~blockvault.engine.source.Target`; a path is a :class:`FileTarget`.
+Target contract:
+
+- ``name``: how errors name it. ``open(size)``: get ready to receive ``size`` bytes (a
+  regular file smaller than that grows); a target that cannot hold them raises
+  TargetError. ``close()`` always follows, even after a failure.
+- ``write(bufs, offset)``: write the buffers back to back at ``offset``, every byte of
+  them, or raise TargetError. Called from several threads at once, for disjoint ranges.
+- ``zero(offset, length)``: make the range read as zeros (punch, write zeroes, ...), or
+  raise TargetError.
+- ``flush()``: everything written is durable, or TargetError.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +29,7 @@ from blockvault.engine.blobs import Run, decode_run, raw_entries, runs
 from blockvault.engine.config import Progress, Throttle
 from blockvault.engine.errors import Cancelled, DataError, TargetError
 from blockvault.engine.format import ManifestReader, check_id, manifest_object
+from blockvault.engine.source import Target
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -120,7 +134,48 @@ def zero_range(fd: int, offset: int, length: int, target: Path | str) -> None:
         offset += n  # a short write continues where it stopped
 
 
-def restore(engine: Engine, *, container: str, backup_id: str, target: Path, target_is_new: bool,
+class FileTarget:
+    """A regular file (grown to the backup's size) or a block device."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        self.name = str(path)
+        self.fd = -1
+
+    def open(self, size: int) -> None:
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY)
+        except OSError as e:
+            raise _target_error(self.path, "opening it", e) from e
+        st = os.fstat(self.fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < size:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                raise _target_error(self.path, f"growing it to {size} bytes", e) from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def write(self, bufs: list, offset: int) -> None:
+        write_all(self.fd, bufs, offset, self.path)
+
+    def zero(self, offset: int, length: int) -> None:
+        zero_range(self.fd, offset, length, self.path)
+
+    def flush(self) -> None:
+        try:
+            # Delayed allocation, thin provisioning and network filesystems may report a
+            # full device only here: the data is not on disk, so this is a failed restore.
+            os.fsync(self.fd)
+        except OSError as e:
+            raise _target_error(self.path, "flushing it to disk", e) from e
+
+
+def restore(engine: Engine, *, container: str, backup_id: str, target: Path | str | Target,
+            target_is_new: bool,
             progress: Progress | None = None,
             cancelled: Callable[[], bool] | None = None) -> None:
     check_id(backup_id)
@@ -134,19 +189,12 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
     nblocks = -(-size // bs)
     crypto = m.id_crypto  # the ids of the backup's dedup scope
     report = Throttle(progress, size, "restore")
+    out: Target = target if isinstance(target, Target) else FileTarget(target)
+    pool: ThreadPoolExecutor | None = None
     try:
-        fd = os.open(target, os.O_WRONLY)
-    except OSError as e:
-        raise _target_error(target, "opening it", e) from e
-    pool = ThreadPoolExecutor(max_workers=engine.config.upload_concurrency + engine.workers,
-                              thread_name_prefix="bv-restore")
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size < size:
-            try:
-                os.ftruncate(fd, size)
-            except OSError as e:
-                raise _target_error(target, f"growing it to {size} bytes", e) from e
+        out.open(size)
+        pool = ThreadPoolExecutor(max_workers=engine.config.upload_concurrency + engine.workers,
+                                  thread_name_prefix="bv-restore")
 
         def fetch_and_write(run: Run) -> None:
             blocks = decode_run(c, crypto, run, bs)
@@ -163,7 +211,7 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
                 bufs = [b for _, b in blocks[i:j]]
                 if blocks[j - 1][0] == nblocks - 1 and size % bs:
                     bufs[-1] = memoryview(bufs[-1])[: size % bs]
-                write_all(fd, bufs, first * bs, target)
+                out.write(bufs, first * bs)
                 i = j
 
         next_idx = 0
@@ -173,7 +221,7 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
             if idx < next_idx or idx >= nblocks:
                 raise DataError(f"manifest {name} is corrupt (block order)", name)
             if not target_is_new and idx > next_idx:
-                zero_range(fd, next_idx * bs, min(idx * bs, size) - next_idx * bs, target)
+                out.zero(next_idx * bs, min(idx * bs, size) - next_idx * bs)
             next_idx = idx + 1
 
         pending: deque[Future] = deque()
@@ -188,14 +236,10 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path, tar
         while pending:
             pending.popleft().result()
         if not target_is_new and next_idx < nblocks:
-            zero_range(fd, next_idx * bs, size - next_idx * bs, target)
-        try:
-            # Delayed allocation, thin provisioning and network filesystems may report a
-            # full device only here: the data is not on disk, so this is a failed restore.
-            os.fsync(fd)
-        except OSError as e:
-            raise _target_error(target, "flushing it to disk", e) from e
+            out.zero(next_idx * bs, size - next_idx * bs)
+        out.flush()
         report(size, force=True)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        os.close(fd)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        out.close()
