@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -44,6 +45,12 @@ class Settings:
     #: Scheme://host[:port][/prefix] used in links instead of the request's host.
     public_endpoint: str = ""
     availability_zone: str = "nova"
+    #: HOST of Cinder's ``HOST@BACKEND#POOL`` volume hosts; empty = the machine's hostname
+    host_name: str = ""
+    #: volume backends by name: TOML tables ``[backends.NAME]`` with ``driver = "file" |
+    #: "block" | "nbd" | "raw"`` and the driver's options (docs/volumes.md). The embedded
+    #: ``rawfile`` backend (blockvault's own raw files) is always there.
+    backends: dict[str, Any] = field(default_factory=dict)
     default_container: str = "volumebackups"
     osapi_max_limit: int = 1000
     project_id_regex: str = r"[0-9a-zA-Z_\-]+"
@@ -166,6 +173,8 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     if isinstance(current, Path):
         return Path(value).expanduser()
     if isinstance(current, dict):
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)  # a table in an environment variable, as JSON
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a table of options")
         return {**current, **{str(k): v for k, v in value.items()}}
@@ -191,6 +200,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if "blockvault" in data and "keystone_authtoken" in data:
             # [keystone_authtoken] next to [blockvault], as in an OpenStack service's file
             data = {**data["blockvault"], "keystone_authtoken": data["keystone_authtoken"]}
+        if "blockvault" in data and "backends" in data:
+            # [backends.NAME] tables next to [blockvault]
+            data = {**data["blockvault"], "backends": data["backends"]}
         data = data.get("blockvault", data)
         unknown = sorted(set(data) - names)
         if unknown:

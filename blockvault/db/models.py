@@ -18,6 +18,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    true,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -92,10 +93,22 @@ class Volume(Base):
     snapshot_id: Mapped[str | None] = mapped_column(String(36))
     source_volid: Mapped[str | None] = mapped_column(String(36))
     backup_id: Mapped[str | None] = mapped_column(String(36))
+    #: the volume backend (blockvault.volume.backends) its disk is on; shown as Cinder's
+    #: host HOST@BACKEND#POOL
+    backend: Mapped[str | None] = mapped_column(String(255), default="rawfile")
+    #: where the backend finds the disk (a path under a file root, a device, an NBD URI);
+    #: None for blockvault's own raw files, found by id
+    provider_location: Mapped[str | None] = mapped_column(String(1024))
+    #: the driver's own facts about the disk (e.g. the inode recorded at manage time)
+    provider_info: Mapped[dict | None] = mapped_column(JSON)
+    #: whether blockvault made the disk and may delete it (False for managed disks)
+    owns_disk: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ix_volumes_backend_location", "backend", "provider_location"),)
 
 
 class Snapshot(Base):

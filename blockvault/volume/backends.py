@@ -323,6 +323,14 @@ class Backends:
             drivers[name] = driver_class(kind)(name, table, data_dir=data_dir)
         return cls(host_name or socket.gethostname(), drivers)
 
+    @classmethod
+    def of_files(cls, files: RawFileDriver, host_name: str = "") -> Backends:
+        """The embedded default alone, over an existing RawFileDriver."""
+        raw = RawDriver(DEFAULT_BACKEND, {"driver": "raw", "root": str(files.root)},
+                        data_dir=files.root)
+        raw.files = files
+        return cls(host_name or socket.gethostname(), {DEFAULT_BACKEND: raw})
+
     @property
     def raw(self) -> RawDriver:
         """The default backend (new volumes, snapshots)."""
