@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -37,7 +36,7 @@ from blockvault.service.tasks import Tasks
 from blockvault.service.volumes import VolumeService
 from blockvault.store import Backend
 from blockvault.store.factory import backup_service_name, make_backend
-from blockvault.volume import RawFileDriver
+from blockvault.volume.backends import Backends
 
 log = logging.getLogger("blockvault")
 
@@ -81,7 +80,10 @@ class Services:
         self.policy = policy.configure(policy_path(settings))
         self.backend = make_backend(settings)
         self.engine = make_engine(settings, self.backend)
-        self.driver = RawFileDriver(settings.volumes_dir)
+        self.backends = Backends.from_config(
+            settings.backends, data_dir=settings.data_dir, host_name=settings.host_name)
+        #: the embedded default backend's raw files (volumes blockvault creates)
+        self.driver = self.backends.raw.files
         self.quotas = Quotas(
             QuotaDefaults(
                 volumes=settings.quota_volumes,
@@ -92,7 +94,7 @@ class Services:
             )
         )
         self.volumes = VolumeService(
-            self.db, self.driver, self.quotas, settings.availability_zone,
+            self.db, self.backends, self.quotas, settings.availability_zone,
             settings.osapi_max_limit,
         )
         service_name = backup_service_name(self.backend.kind)
@@ -109,11 +111,11 @@ class Services:
         self.tasks = tasks = Tasks(
             self.db,
             self.engine,
-            self.driver,
+            self.backends,
             default_container=settings.default_container,
             availability_zone=settings.availability_zone,
             service_name=service_name,
-            host=socket.gethostname(),
+            host=self.backends.host_name,
             gc_grace=settings.gc_grace,
         )
         self.runner = JobRunner(

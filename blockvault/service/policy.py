@@ -171,6 +171,17 @@ API_RULES = [
     _rule("volume_extension:type_get", READER, "Get one specific volume type.",
           ("GET", "/types/{type_id}")),
     _rule("volume_extension:type_get_all", READER, "List volume types.", ("GET", "/types")),
+    # volume backends: manage existing, pools (cinder/policies/manageable_volumes.py,
+    # scheduler_stats.py)
+    _rule("volume_extension:volume_manage", ADMIN_API, "Manage existing volumes.",
+          ("POST", "/manageable_volumes"), ("POST", "/os-volume-manage")),
+    _rule("volume_extension:volume_unmanage", ADMIN_API,
+          "Stop managing a volume.", ("POST", "/volumes/{volume_id}/action (os-unmanage)")),
+    _rule("volume_extension:list_manageable", ADMIN_API,
+          "List (in detail) of volumes which are available to manage.",
+          ("GET", "/manageable_volumes"), ("GET", "/manageable_volumes/detail")),
+    _rule("scheduler_extension:scheduler_stats:get_pools", ADMIN_API,
+          "List all backend pools.", ("GET", "/scheduler-stats/get_pools")),
 ]
 
 RULE_NAMES = frozenset(r.name for r in API_RULES)

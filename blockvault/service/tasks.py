@@ -39,7 +39,7 @@ from blockvault.service.jobs import (
     internal_error,
     storage_id,
 )
-from blockvault.service.volumes import set_volume_status
+from blockvault.service.volumes import as_backends, disk_of, set_volume_status
 from blockvault.store import (
     ObjectNotFound,
     StoreError,
@@ -48,6 +48,7 @@ from blockvault.store import (
     StoreUnavailable,
 )
 from blockvault.volume import RawFileDriver
+from blockvault.volume.backends import Backends, BackupSource, Parent, SourceError
 
 log = logging.getLogger("blockvault.tasks")
 
@@ -61,11 +62,13 @@ _STORAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 # What must never reach a user: endpoints (any scheme://…, host:port, a driver's
 # host='…'), and absolute paths of the server (data, cache and store directories, volume
-# files). Object, pack and container names are the user's own and stay.
+# files). Object, pack and container names are the user's own and stay, and so do device
+# names (/dev/...): a managed block volume's source-name is one, and the error that its
+# disk went away must say which.
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _HOST = re.compile(r"\bhost=(['\"]).*?\1|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"
                    r"|\[[0-9A-Fa-f:]*:[0-9A-Fa-f:]*\](?::\d+)?|\blocalhost:\d+\b")
-_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"<>()]*)")
+_PATH = re.compile(r"(?<![\w.:/~-])/(?!dev/)(?:[^\s'\"<>()]*)")
 _NOTHING = re.compile(r"\s*\((?:<path>|<endpoint>)\)|,?\s*port=\d+")
 
 
@@ -82,6 +85,10 @@ def fail_reason(exc: BaseException) -> str:
     verify report's error): what went wrong with their data, in a sentence, never a server
     path, an internal endpoint or a credential. Callers log ``exc`` itself, detail and all.
     """
+    if isinstance(exc, SourceError):
+        # Names the volume's source as its manager gave it (a device or a name under the
+        # backend's root): the user's own word for it, so kept whole.
+        return str(exc)[:FAIL_REASON_MAX]
     if isinstance(exc, StoreUnavailable):
         text = "The object store was unreachable; try again later."
     elif isinstance(exc, StoreFull):
@@ -115,7 +122,7 @@ class Tasks:
         self,
         db: Database,
         engine: Engine,
-        driver: RawFileDriver,
+        backends: Backends | RawFileDriver,
         *,
         default_container: str,
         availability_zone: str,
@@ -125,7 +132,8 @@ class Tasks:
     ) -> None:
         self.db = db
         self.engine = engine
-        self.driver = driver
+        self.backends = as_backends(backends)
+        self.driver = self.backends.raw.files
         self.default_container = default_container
         self.availability_zone = availability_zone
         self.service_name = service_name
@@ -281,16 +289,18 @@ class Tasks:
                     backup.container = container
                     backup.host, backup.service = self.host, self.service_name
                     backup.availability_zone = backup.availability_zone or self.availability_zone
-                source = (
-                    self.driver.snapshot_path(backup.snapshot_id)
-                    if backup.snapshot_id
-                    else self.driver.volume_path(backup.volume_id)
+                snapshot_path = (
+                    self.driver.snapshot_path(backup.snapshot_id) if backup.snapshot_id
+                    else None
                 )
+                disk = disk_of(vol) if vol is not None else None
+                backend_name = vol.backend if vol is not None else None
                 dependent_of = backup.parent_id
                 parent = s.get(Backup, backup.parent_id) if backup.parent_id else None
-                parent_id = parent_sid = None
+                parent_ref = parent_sid = None
                 if parent is not None and parent.container == container and not parent.deleted:
-                    parent_id, parent_sid = parent.id, backup_storage_id(parent)
+                    parent_ref = Parent(parent.id, parent.data_timestamp or parent.created_at)
+                    parent_sid = backup_storage_id(parent)
                 size = backup.size * GiB
                 volume_size = vol.size if vol is not None else backup.size
                 whole_volume = backup.snapshot_id is None
@@ -302,23 +312,35 @@ class Tasks:
         if backup is None:
             self._final(job, lambda s: self._release_source(s, job))
             return
-        # Changed-region hints only for a backup of the live volume against its parent.
-        changes = self.driver.changes(backup.volume_id) if whole_volume else None
-        stamp = changes.stamp() if changes else None
-        hint = changes.hint(parent_id) if changes and parent_id else None
+        opened: BackupSource | None = None
         try:
-            result = self.engine.backup(
-                container=container,
-                backup_id=sid,
-                source=source,
-                size=size,
-                parent_id=parent_sid,
-                record=record,
-                progress=self._progress(job),
-                cancelled=self._watch(job, "creating"),
-                changed=hint,
-                scope=project,
-            )
+            # Changed-region hints only for a backup of the live volume against its parent
+            # (the backend's: tracked writes, a dirty bitmap).
+            if whole_volume:
+                if disk is None:
+                    raise LookupError(f"Volume {backup.volume_id} could not be found.")
+                opened = self.backends.get(backend_name).open_backup(disk, parent_ref)
+            else:
+                opened = BackupSource(snapshot_path, size, None, backup.snapshot_id)
+            try:
+                result = self.engine.backup(
+                    container=container,
+                    backup_id=sid,
+                    source=opened.source,
+                    size=size,
+                    parent_id=parent_sid,
+                    record=record,
+                    progress=self._progress(job),
+                    cancelled=self._watch(job, "creating"),
+                    changed=opened.changed if parent_sid else None,
+                    scope=project,
+                )
+            except (OSError, EngineError):
+                # A device or export that went away fails reads in its own words: say
+                # which source it was, if that is what happened.
+                opened.finish()
+                raise
+            opened.finish()  # still the disk that was managed? (SourceError if not)
         except Cancelled:
             log.info("backup %s (attempt %s) cancelled", job.backup_id, sid)
             self._final(job, lambda s: self._release_source(s, job))
@@ -327,11 +349,14 @@ class Tasks:
             return
         except Exception as exc:
             log.warning("backup %s failed: %s", job.backup_id, exc, exc_info=not isinstance(
-                exc, StoreError | EngineError))
+                exc, StoreError | EngineError | SourceError))
             self._failed(job, fail_reason(exc))
             self._discard_unless_winner(container, job.backup_id, sid)
             self._owe_gc(container)
             return
+        finally:
+            if opened is not None:
+                opened.close()
 
         def won(s: Session) -> bool:
             ok = set_backup_status(
@@ -349,8 +374,8 @@ class Tasks:
             return ok
 
         if self._final(job, won):
-            if changes is not None:
-                changes.reset(job.backup_id, stamp)
+            if whole_volume and opened is not None:
+                opened.committed(job.backup_id)
             return
         # Superseded (or the backup was force-deleted meanwhile): not this attempt's data.
         log.warning("backup %s: attempt %s finished but does not own the job any more; "
@@ -381,27 +406,35 @@ class Tasks:
     # -- restore ----------------------------------------------------------------------------
 
     def restore(self, job: Job) -> None:
-        # The target's bytes are about to change behind its change map.
-        self.driver.changes(job.volume_id).invalidate()
         with self.db.session() as s:
             backup = s.get(Backup, job.backup_id)
-            ready = backup is not None and backup.status == "restoring"
+            vol = s.get(Volume, job.volume_id)
+            ready = backup is not None and backup.status == "restoring" and vol is not None
             if ready:
                 container = backup.container or self.default_container
                 sid = backup_storage_id(backup)
+                disk, backend_name = disk_of(vol), vol.backend
         if not ready:
+            self.driver.changes(job.volume_id).invalidate()  # as a raw restore would
             self._final(job, lambda s: set_volume_status(
                 s, job.volume_id, ("restoring-backup",), status="error_restoring"))
             return
         try:
-            self.engine.restore(
-                container=container,
-                backup_id=sid,
-                target=self.driver.volume_path(job.volume_id),
-                target_is_new=bool(job.params.get("target_is_new")),
-                progress=self._progress(job),
-                cancelled=self._watch(job, "restoring"),
-            )
+            # (raw: the target's bytes are about to change behind its change map)
+            with self.backends.get(backend_name).open_restore(disk) as target:
+                try:
+                    self.engine.restore(
+                        container=container,
+                        backup_id=sid,
+                        target=target.target,
+                        target_is_new=bool(job.params.get("target_is_new")),
+                        progress=self._progress(job),
+                        cancelled=self._watch(job, "restoring"),
+                    )
+                except (OSError, EngineError):
+                    target.finish()
+                    raise
+                target.finish()
         except Exception as exc:
             if not isinstance(exc, Cancelled):
                 log.warning("restore of backup %s failed: %s", job.backup_id, exc)

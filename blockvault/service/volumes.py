@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, Snapshot, Volume, utcnow
@@ -20,6 +21,14 @@ from blockvault.service.errors import Conflict, Invalid, NotFound, invalid_input
 from blockvault.service.listing import ListSpec, Page, list_resources
 from blockvault.service.quotas import Quotas
 from blockvault.volume import CapacityError, RawFileDriver
+from blockvault.volume.backends import (
+    Backends,
+    Candidate,
+    Disk,
+    InvalidReference,
+    SourceError,
+    VolumeDriver,
+)
 
 GiB = 1024**3
 #: Cinder's DB_MAX_INT: the largest size (GiB) its schemas accept and its columns hold.
@@ -99,6 +108,20 @@ def too_large(exc: CapacityError) -> Invalid:
     )
 
 
+def disk_of(vol: Volume) -> Disk:
+    """What a volume driver knows of ``vol`` (blockvault.volume.backends)."""
+    return Disk(
+        volume_id=vol.id, size=vol.size * GiB, location=vol.provider_location,
+        info=dict(vol.provider_info or {}), metadata=dict(vol.metadata_ or {}),
+        owned=vol.owns_disk is not False,
+    )
+
+
+def as_backends(volumes: Backends | RawFileDriver) -> Backends:
+    """``volumes`` as a registry (a bare RawFileDriver: the embedded default alone)."""
+    return volumes if isinstance(volumes, Backends) else Backends.of_files(volumes)
+
+
 def set_volume_status(s: Session, volume_id: str, expected: Iterable[str], **values: Any) -> bool:
     """One conditional UPDATE: change the row only if its status is one of ``expected``."""
     res = s.execute(
@@ -111,11 +134,13 @@ def set_volume_status(s: Session, volume_id: str, expected: Iterable[str], **val
 
 class VolumeService:
     def __init__(
-        self, db: Database, driver: RawFileDriver, quotas: Quotas, availability_zone: str,
-        max_limit: int,
+        self, db: Database, backends: Backends | RawFileDriver, quotas: Quotas,
+        availability_zone: str, max_limit: int,
     ) -> None:
         self.db = db
-        self.driver = driver
+        self.backends = as_backends(backends)
+        #: the default backend's raw files: new volumes, their snapshots, the data API
+        self.driver = self.backends.raw.files
         self.quotas = quotas
         self.availability_zone = availability_zone
         self.max_limit = max_limit
@@ -155,7 +180,7 @@ class VolumeService:
                 size = size or src.size
                 if size < src.size:
                     raise invalid_input("Volume size must not be smaller than the source volume.")
-                src_path = self.driver.volume_path(src.id)
+                src_path = self.source_path(src)
             return self.new_volume(
                 s, made, ctx, size, name=name, description=description, metadata=metadata,
                 snapshot_id=snapshot_id, source_volid=source_volid, src_path=src_path,
@@ -211,6 +236,8 @@ class VolumeService:
             volume_type=DEFAULT_VOLUME_TYPE,
             snapshot_id=snapshot_id,
             source_volid=source_volid,
+            backend=self.backends.default,
+            owns_disk=True,
         )
         s.add(vol)
         s.flush()
@@ -225,6 +252,159 @@ class VolumeService:
         vol.status = "available"
         vol.updated_at = utcnow()
         return vol
+
+    def raw_only(self, vol: Volume, what: str) -> None:
+        """Refuse what only blockvault's own raw files can do on a managed disk."""
+        if (vol.backend or self.backends.default) != self.backends.default:
+            kind = self.backends.drivers.get(vol.backend or "")
+            raise invalid_volume(
+                f"Volume {vol.id} is on backend {vol.backend}"
+                f"{f' (driver {kind.kind})' if kind else ''}, whose disks blockvault does "
+                f"not own: it cannot be {what}."
+            )
+
+    def source_path(self, vol: Volume) -> Any:
+        """A path to ``vol``'s bytes, to copy a new volume from."""
+        if (vol.backend or self.backends.default) == self.backends.default:
+            return self.driver.volume_path(vol.id)
+        try:
+            with self.backends.get(vol.backend).open_backup(disk_of(vol), None) as src:
+                if isinstance(src.source, str | Path):
+                    return src.source
+        except SourceError as exc:
+            raise invalid_volume(str(exc)) from None
+        raise invalid_volume(f"Volume {vol.id} (backend {vol.backend}) cannot be cloned.")
+
+    # -- backends: manage existing, pools (Cinder's manageable_volumes, get_pools) --------
+
+    def backend_of(self, host: Any) -> VolumeDriver:
+        try:
+            return self.backends.parse_host(host)
+        except InvalidReference as exc:
+            raise invalid_input(str(exc)) from None
+
+    def manage(
+        self, ctx: RequestContext, host: Any, ref: Any, *, name: str | None = None,
+        description: str | None = None, metadata: dict[str, str] | None = None,
+        bootable: bool = False, availability_zone: str | None = None,
+        volume_type: str | None = None,
+    ) -> Volume:
+        """Bring an existing disk under blockvault: an ``available`` volume whose size is
+        the disk's. The disk is examined, never changed; any problem is a 400 naming it."""
+        ctx.authorize("volume_extension:volume_manage")
+        self.check_placement(volume_type, availability_zone)
+        backend = self.backend_of(host)
+        try:
+            found = backend.check_ref(ref if isinstance(ref, dict) else {},
+                                      dict(metadata or {}))
+        except InvalidReference as exc:
+            raise invalid_input(str(exc)) from None
+        size = check_size(found.size // GiB)
+        with self.db.session() as s:
+            other = s.scalar(
+                select(Volume.id).where(
+                    Volume.backend == backend.name,
+                    Volume.provider_location == found.location,
+                    Volume.deleted.is_(False),
+                )
+            )
+            if other:
+                raise invalid_input(
+                    f"Source {ref.get('source-name')} is already managed by volume {other}."
+                )
+            self.quotas.check_volume(s, ctx.project_id, size)
+            vol = Volume(
+                project_id=ctx.project_id,
+                user_id=ctx.user_id,
+                size=size,
+                display_name=name,
+                display_description=description,
+                metadata_=dict(metadata or {}),
+                status="available",
+                availability_zone=self.availability_zone,
+                volume_type=DEFAULT_VOLUME_TYPE,
+                bootable=bool(bootable),
+                backend=backend.name,
+                provider_location=found.location,
+                provider_info=dict(found.info),
+                owns_disk=False,
+                updated_at=utcnow(),
+            )
+            s.add(vol)
+        return vol
+
+    def unmanage(self, ctx: RequestContext, volume_id: str) -> None:
+        """The volume leaves blockvault; its disk is left exactly as it is (Cinder's
+        os-unmanage, with delete's status rules). Its backups stay."""
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume_extension:volume_unmanage", vol)
+            snaps = s.scalar(
+                select(Snapshot.id).where(
+                    Snapshot.volume_id == volume_id, Snapshot.deleted.is_(False)
+                )
+            )
+            if vol.status not in ("available", "error", "error_restoring") or snaps:
+                raise invalid_volume(_NOT_DELETABLE)
+            vol.deleted, vol.deleted_at, vol.status = True, utcnow(), "deleted"
+
+    def list_manageable(self, ctx: RequestContext, host: Any) -> list[tuple[Candidate, str | None]]:
+        """The candidate disks of a backend, with the id of the volume managing each."""
+        ctx.authorize("volume_extension:list_manageable")
+        if not host:
+            raise invalid_input("Missing required host parameter (HOST@BACKEND#POOL).")
+        backend = self.backend_of(host)
+        with self.db.session() as s:
+            managed = dict(
+                s.execute(
+                    select(Volume.provider_location, Volume.id).where(
+                        Volume.backend == backend.name, Volume.deleted.is_(False),
+                        Volume.provider_location.is_not(None),
+                    )
+                ).all()
+            )
+        return [(c, managed.get(c.location)) for c in backend.manageable(set(managed))]
+
+    def pools(self, ctx: RequestContext) -> list[tuple[str, dict[str, Any]]]:
+        """Each backend's one pool as Cinder's get_pools shows it: name and capabilities."""
+        ctx.authorize("scheduler_extension:scheduler_stats:get_pools")
+        with self.db.session() as s:
+            allocated = dict(
+                s.execute(
+                    select(Volume.backend, func.coalesce(func.sum(Volume.size), 0))
+                    .where(Volume.deleted.is_(False))
+                    .group_by(Volume.backend)
+                ).all()
+            )
+        if None in allocated:
+            allocated[self.backends.default] = (
+                allocated.get(self.backends.default, 0) + allocated.pop(None)
+            )
+        out = []
+        for backend in self.backends:
+            caps: dict[str, Any] = {
+                "pool_name": backend.pool,
+                "volume_backend_name": backend.name,
+                "driver": backend.kind,
+                "vendor_name": "blockvault",
+                "driver_version": "1.0",
+                "storage_protocol": backend.kind,
+                "reserved_percentage": 0,
+                "QoS_support": False,
+                "multiattach": False,
+                "allocated_capacity_gb": int(allocated.get(backend.name, 0)),
+                "timestamp": utcnow().isoformat(),
+            }
+            try:
+                caps.update(backend.stats())
+            except OSError:
+                caps.update(total_capacity_gb="unknown", free_capacity_gb="unknown")
+            caps.update(backend.capabilities())
+            out.append((self.backends.host(backend.name), caps))
+        return out
+
+    def host_of(self, vol: Volume) -> str:
+        return self.backends.host(vol.backend)
 
     def get(self, ctx: RequestContext, volume_id: str, rule: str = "volume:get") -> Volume:
         with self.db.session() as s:
@@ -278,7 +458,9 @@ class VolumeService:
                 snap.deleted, snap.deleted_at, snap.status = True, now, "deleted"
                 self.driver.delete_snapshot(snap.id)
             vol.deleted, vol.deleted_at, vol.status = True, now, "deleted"
-        self.driver.delete(volume_id)
+            disk, backend = disk_of(vol), vol.backend
+        if disk.owned:  # a managed disk is never deleted, only forgotten
+            self.backends.get(backend).delete(disk)
 
     def attach(self, ctx: RequestContext, volume_id: str) -> None:
         with self.db.session() as s:
@@ -311,6 +493,7 @@ class VolumeService:
                     f"{vol.size}, extended: {new_size})."
                 )
             check_size(new_size, "new_size")
+            self.raw_only(vol, "extended")
             self.quotas.check_extend(s, ctx.project_id, new_size - vol.size, new_size)
             try:
                 self.driver.extend(vol.id, new_size)
@@ -346,6 +529,7 @@ class VolumeService:
                     f"Write of {length if length is not None else 'unknown'} bytes at offset "
                     f"{offset} is past the end of volume {volume_id} ({size} bytes)."
                 )
+            self.raw_only(vol, "written through the data API")
             if not set_volume_status(s, volume_id, ("available",), status="uploading"):
                 raise Conflict(
                     f"Volume {volume_id} must be available to write data, but its status is "
@@ -374,6 +558,7 @@ class VolumeService:
         """Returns (start, end exclusive, volume size in bytes, chunks). ``choose`` picks
         the byte range from the volume's size (or raises, e.g. for an unsatisfiable one)."""
         vol = self.get(ctx, volume_id, rule="blockvault:volume:read_data")
+        self.raw_only(vol, "read through the data API")
         size = vol.size * GiB
         start, end = choose(size)
         if start < 0 or end > size or end < start:
@@ -394,6 +579,7 @@ class VolumeService:
                     f"Volume {volume_id} status must be available, but current status is: "
                     f"{vol.status}."
                 )
+            self.raw_only(vol, "snapshotted")
             self.quotas.check_snapshot(s, ctx.project_id, vol.size)
             snap = Snapshot(
                 project_id=ctx.project_id,
