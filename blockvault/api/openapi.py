@@ -62,8 +62,9 @@ _force_delete: Schema = {
 def _volume_action_body() -> Schema:
     # Only os-reset_status has a schema object in the code; the handler reads os-extend's
     # new_size itself and ignores the other actions' values.
-    simple = ["os-attach", "os-detach", "os-reserve", "os-unreserve", "os-begin_detaching",
-              "os-roll_detaching", "os-initialize_connection", "os-terminate_connection"]
+    simple = ["os-attach", "os-detach", "os-unmanage", "os-reserve", "os-unreserve",
+              "os-begin_detaching", "os-roll_detaching", "os-initialize_connection",
+              "os-terminate_connection"]
     variants: list[Schema] = [
         schemas.volume_reset_status,
         {"type": "object",
@@ -92,6 +93,8 @@ REQUEST_BODIES: dict[Callable, Callable[[], BodySchema]] = {
     volumes.create_snapshot: lambda: volumes._snapshot_create,
     volumes.update_snapshot: lambda: volumes._snapshot_update,
     volumes.update_quotas: lambda: schemas.quota_set,
+    volumes.manage_volume: lambda: volumes._volume_manage,
+    volumes.os_volume_manage: lambda: volumes._volume_manage,
 }
 
 
@@ -166,6 +169,15 @@ def _list_params(spec: Any) -> list[Schema]:
     return params
 
 
+_MANAGEABLE_QUERY: list[Schema] = [
+    _query("host", {"type": "string"}, "HOST@BACKEND#POOL (required)"),
+    _query("sort", {"type": "string"}, "reference or size, with :asc or :desc"),
+    _query("sort_key", {"type": "string"}), _query("sort_dir", {"type": "string"}),
+    _query("offset", {"type": "integer", "minimum": 0}),
+    _query("limit", {"type": "integer", "minimum": 0}),
+]
+
+
 QUERY_PARAMS: dict[Callable, list[Schema]] = {
     backups.list_summary: _list_params(BACKUP_LIST),
     backups.list_detail: _list_params(BACKUP_LIST),
@@ -176,6 +188,10 @@ QUERY_PARAMS: dict[Callable, list[Schema]] = {
     volumes.delete_volume: [_query("cascade", _IS_TRUE, "also delete its snapshots")],
     volumes.show_quotas: [_query("usage", _IS_TRUE, "limits with usage")],
     volumes.resource_filters: [_query("resource", {"type": "string"})],
+    volumes.list_manageable: _MANAGEABLE_QUERY,
+    volumes.list_manageable_detail: _MANAGEABLE_QUERY,
+    volumes.get_pools: [_query("detail", _IS_TRUE, "with capabilities"),
+                        _query("name", {"type": "string"}, "only this pool")],
     volumes.write_data: [_query("offset", {"type": "integer", "minimum": 0},
                                 "byte offset to write at")],
 }
@@ -261,6 +277,12 @@ SUCCESS: dict[Callable, dict[str, Schema]] = {
     volumes.show_type: {"200": _json("a volume type", rs.ONE_VOLUME_TYPE)},
     volumes.availability_zones: {"200": _json("availability zones", rs.AVAILABILITY_ZONES)},
     volumes.extensions: {"200": _json("API extensions", rs.EXTENSIONS)},
+    volumes.manage_volume: {"202": _json("the managed volume", rs.ONE_VOLUME)},
+    volumes.os_volume_manage: {"202": _json("the managed volume", rs.ONE_VOLUME)},
+    volumes.list_manageable: {"200": _json("candidate disks", rs.MANAGEABLE_LIST)},
+    volumes.list_manageable_detail: {
+        "200": _json("candidate disks (detail)", rs.MANAGEABLE_DETAIL_LIST)},
+    volumes.get_pools: {"200": _json("backend pools", rs.POOLS)},
 }
 
 _ERROR_TEXT = {

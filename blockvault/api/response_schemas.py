@@ -233,6 +233,29 @@ VOLUME_LIST = _list("volumes", VOLUME_SUMMARY)
 VOLUME_DETAIL_LIST = _list("volumes", VOLUME_DETAIL)
 ONE_VOLUME = _obj({"volume": VOLUME_DETAIL}, ("volume",))
 
+# -- volume backends: manageable volumes, pools -------------------------------------------------
+
+_MANAGEABLE_SUMMARY: Schema = {
+    "reference": _obj({"source-name": {"type": "string"}}, ("source-name",), closed=False,
+                      description="what to pass as the manage request's ref"),
+    "size": {"type": "integer", "minimum": 0, "description": "GiB, rounded down"},
+    "safe_to_manage": {"type": "boolean"},
+}
+MANAGEABLE_LIST = _obj({"manageable-volumes": {"type": "array", "items": _obj(
+    _MANAGEABLE_SUMMARY, tuple(_MANAGEABLE_SUMMARY))}}, ("manageable-volumes",))
+_MANAGEABLE_DETAIL: Schema = {
+    **_MANAGEABLE_SUMMARY,
+    "reason_not_safe": STRING_OR_NULL,
+    "cinder_id": UUID_OR_NULL,
+    "extra_info": STRING_OR_NULL,
+}
+MANAGEABLE_DETAIL_LIST = _obj({"manageable-volumes": {"type": "array", "items": _obj(
+    _MANAGEABLE_DETAIL, tuple(_MANAGEABLE_DETAIL))}}, ("manageable-volumes",))
+POOLS = _obj({"pools": {"type": "array", "items": _obj(
+    {"name": {"type": "string", "description": "HOST@BACKEND#POOL"},
+     "capabilities": {"type": "object", "description": "with detail=true"}},
+    ("name",))}}, ("pools",))
+
 _SNAPSHOT_PROPS: Schema = {
     "id": UUID,
     "name": STRING_OR_NULL,

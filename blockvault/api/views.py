@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 
 from blockvault.db.models import Backup, Snapshot, Volume
 from blockvault.service.volumes import DEFAULT_VOLUME_TYPE, DEFAULT_VOLUME_TYPE_ID
+from blockvault.volume.backends import Candidate
 
 
 def isotime(value: dt.datetime | None) -> str | None:
@@ -99,7 +100,7 @@ def volume_summary(v: Volume, links: Links) -> dict[str, Any]:
 
 def volume_detail(
     v: Volume, links: Links, version: tuple[int, int], is_admin: bool,
-    extended: bool = True,
+    extended: bool = True, host: str | None = None,
 ) -> dict[str, Any]:
     """A volume as Cinder shows it. ``extended``: with the admin-only attributes of Cinder's
     tenant, host and migration-status extensions, which extend show and the detail list only
@@ -129,7 +130,7 @@ def volume_detail(
     }
     if is_admin and extended:
         view["os-vol-tenant-attr:tenant_id"] = v.project_id
-        view["os-vol-host-attr:host"] = "blockvault@rawfile#rawfile"
+        view["os-vol-host-attr:host"] = host
         view["os-vol-mig-status-attr:migstat"] = None
         view["os-vol-mig-status-attr:name_id"] = None
     if version >= (3, 13):
@@ -145,6 +146,25 @@ def volume_detail(
         )
     if version >= (3, 65):
         view["consumes_quota"] = True
+    return view
+
+
+def manageable_volume(c: Candidate, volume_id: str | None, detail: bool) -> dict[str, Any]:
+    """One entry of Cinder's ``manageable-volumes`` list."""
+    view: dict[str, Any] = {"reference": dict(c.reference), "size": c.size,
+                            "safe_to_manage": c.safe_to_manage}
+    if detail:
+        view.update(reason_not_safe=c.reason_not_safe, cinder_id=volume_id,
+                    extra_info=c.extra_info)
+    return view
+
+
+def pool_view(name: str, capabilities: dict[str, Any], detail: bool) -> dict[str, Any]:
+    """One entry of Cinder's get_pools: ``name`` (HOST@BACKEND#POOL) and, in detail, its
+    capabilities."""
+    view: dict[str, Any] = {"name": name}
+    if detail:
+        view["capabilities"] = dict(capabilities)
     return view
 
 

@@ -14,6 +14,8 @@ from blockvault.api.faults import HTTPFault
 from blockvault.api.http import Call, Endpoint, accepted, json_response, list_response
 from blockvault.api.views import (
     default_volume_type,
+    manageable_volume,
+    pool_view,
     snapshot_detail,
     volume_detail,
     volume_summary,
@@ -136,7 +138,8 @@ def _excerpt(value: Any) -> str:
 
 
 def _volume(call: Call, vol, extended: bool = True) -> dict:
-    return {"volume": volume_detail(vol, call.links, call.version, call.is_admin, extended)}
+    return {"volume": volume_detail(vol, call.links, call.version, call.is_admin, extended,
+                                    host=call.services.volumes.host_of(vol))}
 
 
 def create_volume(call: Call) -> Response:
@@ -180,7 +183,9 @@ def list_volumes_detail(call: Call) -> Response:
 def _list_volumes(call: Call, detail: bool) -> Response:
     page = call.services.volumes.list(call.ctx, call.query, call.version)
     if detail:
-        items = [volume_detail(v, call.links, call.version, call.is_admin) for v in page.items]
+        host_of = call.services.volumes.host_of
+        items = [volume_detail(v, call.links, call.version, call.is_admin, host=host_of(v))
+                 for v in page.items]
     else:
         items = [volume_summary(v, call.links) for v in page.items]
     return list_response(call, "volumes", page, items, detail)
@@ -236,6 +241,8 @@ def volume_action(call: Call) -> Response:
             raise Invalid("Invalid input for field/attribute os-extend. Value: "
                           f"{body[key]}. 'new_size' is a required property")
         volumes.extend(call.ctx, volume_id, _size(arg["new_size"], "new_size"))
+    elif key == "os-unmanage":
+        volumes.unmanage(call.ctx, volume_id)
     elif key == "os-reset_status":
         schemas.validate(schemas.volume_reset_status, body)
         volumes.reset_status(call.ctx, volume_id, body[key]["status"])
@@ -248,6 +255,104 @@ def volume_action(call: Call) -> Response:
             "header and try again.",
         )
     return accepted()
+
+
+# -- volume backends: manage existing, pools -------------------------------------------------
+
+_volume_manage = {
+    "type": "object",
+    "properties": {
+        "volume": {
+            "type": "object",
+            "properties": {
+                "host": schemas.nullable_string,
+                "cluster": schemas.nullable_string,
+                "ref": {"type": "object"},
+                "name": schemas.name,
+                "display_name": schemas.name,
+                "description": schemas.description,
+                "display_description": schemas.description,
+                "metadata": schemas.metadata_allows_null,
+                "availability_zone": schemas.nullable_string,
+                "volume_type": schemas.nullable_string,
+                "bootable": schemas.boolean,
+            },
+            "required": ["ref"],
+        }
+    },
+    "required": ["volume"],
+}
+
+
+def manage_volume(call: Call) -> Response:
+    """Cinder's manage existing: the disk ``ref`` names on backend ``host`` becomes an
+    ``available`` volume of the caller's project."""
+    body = call.body
+    schemas.validate(_volume_manage, body)
+    v = body["volume"]
+    if v.get("cluster") and not v.get("host"):
+        raise invalid_input("blockvault has no clusters; give host as HOST@BACKEND#POOL.")
+    vol = call.services.volumes.manage(
+        call.ctx, v.get("host"), v["ref"],
+        name=schemas.strip(v.get("name", v.get("display_name"))),
+        description=schemas.strip(v.get("description", v.get("display_description"))),
+        metadata=v.get("metadata"),
+        bootable=schemas.is_true(v.get("bootable", False)),
+        availability_zone=v.get("availability_zone"),
+        volume_type=v.get("volume_type"),
+    )
+    return json_response(_volume(call, vol, extended=False), 202)
+
+
+def os_volume_manage(call: Call) -> Response:
+    """The same, under its older (v2) name."""
+    return manage_volume(call)
+
+
+def list_manageable(call: Call) -> Response:
+    return _list_manageable(call, False)
+
+
+def list_manageable_detail(call: Call) -> Response:
+    return _list_manageable(call, True)
+
+
+def _list_manageable(call: Call, detail: bool) -> Response:
+    q = call.query
+    if q.get("cluster") and not q.get("host"):
+        raise invalid_input("blockvault has no clusters; give host as HOST@BACKEND#POOL.")
+    found = call.services.volumes.list_manageable(call.ctx, q.get("host"))
+    # Cinder's paging of manageable lists: sort by reference (default) or size, desc by
+    # default; offset and limit.
+    key = q.get("sort_key", "reference")
+    direction = q.get("sort_dir", "desc")
+    if "sort" in q:
+        key, _, direction = q["sort"].partition(":")
+        direction = direction or "desc"
+    if key not in ("reference", "size") or direction not in ("asc", "desc"):
+        raise invalid_input(f"Invalid sort key or direction {key}:{direction} "
+                            "(keys: reference, size; directions: asc, desc).")
+    found.sort(key=(lambda c: c[0].size) if key == "size"
+               else (lambda c: str(c[0].reference.get("source-name"))),
+               reverse=direction == "desc")
+    try:
+        offset = int(q.get("offset", "0"))
+        limit = int(q["limit"]) if "limit" in q else None
+    except ValueError:
+        raise invalid_input("offset and limit must be integers.") from None
+    if offset < 0 or (limit is not None and limit < 0):
+        raise invalid_input("offset and limit must not be negative.")
+    found = found[offset:] if limit is None else found[offset:offset + limit]
+    return json_response({"manageable-volumes": [
+        manageable_volume(c, volume_id, detail) for c, volume_id in found]})
+
+
+def get_pools(call: Call) -> Response:
+    detail = schemas.is_true(call.query.get("detail", "false"))
+    pools = call.services.volumes.pools(call.ctx)
+    name = call.query.get("name")
+    return json_response({"pools": [pool_view(host, caps, detail) for host, caps in pools
+                                    if name is None or host == name]})
 
 
 # -- volume data (blockvault extension) ------------------------------------------------------
@@ -537,6 +642,11 @@ ENDPOINTS = [
     Endpoint("POST", "/volumes/{volume_id}/action", volume_action, body="json"),
     Endpoint("PUT", "/volumes/{volume_id}/data", write_data, body="raw", is_async=True),
     Endpoint("GET", "/volumes/{volume_id}/data", read_data, is_async=True),
+    Endpoint("POST", "/manageable_volumes", manage_volume, body="json"),
+    Endpoint("POST", "/os-volume-manage", os_volume_manage, body="json"),
+    Endpoint("GET", "/manageable_volumes", list_manageable, min_version=(3, 8)),
+    Endpoint("GET", "/manageable_volumes/detail", list_manageable_detail, min_version=(3, 8)),
+    Endpoint("GET", "/scheduler-stats/get_pools", get_pools),
     Endpoint("GET", "/snapshots", list_snapshots),
     Endpoint("GET", "/snapshots/detail", list_snapshots_detail),
     Endpoint("POST", "/snapshots", create_snapshot, body="json"),
