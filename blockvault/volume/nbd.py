@@ -83,6 +83,8 @@ def load_libnbd() -> ModuleType:
         try:
             import nbd  # type: ignore[import-not-found]
         except ImportError:
+            nbd = None
+        if not hasattr(nbd, "NBD"):  # missing, or another module named nbd came first
             nbd = _load_from_dist_packages()
         _nbd = nbd
         return nbd
