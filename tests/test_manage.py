@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -372,5 +373,55 @@ def test_a_device_that_goes_away_fails_the_backup_naming_it(admin, loops):
     assert r.status_code == 202, r.text
     b = admin.wait("backup", r.json()["backup"]["id"], {"available", "error"})
     assert b["status"] == "error"
+    assert dev in b["fail_reason"], b["fail_reason"]
+    assert admin.get(f"/volumes/{vol['id']}").json()["volume"]["status"] == "available"
+
+
+def test_a_file_replaced_during_the_backup_fails_it_naming_the_source(world, admin):
+    """The engine reads through its own descriptor, so a file renamed over the source while
+    it reads does not disturb the reads; the check when they are done catches it."""
+    img = sparse_image(world.images / "busy.raw", GiB)
+    with open(img, "r+b") as f:
+        for _ in range(96):  # 768 MiB of incompressible data: a backup of a few seconds
+            f.write(os.urandom(8 * MiB))
+    vol = managed(admin, FILE_HOST, "busy.raw")
+    r = admin.post("/backups", {"backup": {"volume_id": vol["id"]}})
+    assert r.status_code == 202, r.text
+    backup_id = r.json()["backup"]["id"]
+    while True:
+        p = admin.get(f"/backups/{backup_id}/progress").json()["progress"]
+        if p["status"] != "creating":
+            pytest.skip("the backup finished before the test could replace its source")
+        if p["phase"] == "backup" and 0 < p["bytes_done"] < GiB:
+            break
+        time.sleep(0.01)
+    os.replace(sparse_image(world.images / ".busy.new", GiB), img)
+    b = admin.wait("backup", backup_id, {"available", "error"})
+    assert b["status"] == "error", b
+    assert "busy.raw" in b["fail_reason"] and "replaced" in b["fail_reason"]
+    assert admin.get(f"/volumes/{vol['id']}").json()["volume"]["status"] == "available"
+
+
+def test_a_device_detached_during_the_backup_fails_it_naming_the_source(admin, loops):
+    """``losetup -d`` of a device in use detaches it when the last user closes it: the
+    reads finish, then the device is empty, and the check after them says which source."""
+    dev = loops(GiB)
+    with open(dev, "r+b") as f:
+        for _ in range(96):
+            f.write(os.urandom(8 * MiB))
+    vol = managed(admin, BLOCK_HOST, dev)
+    r = admin.post("/backups", {"backup": {"volume_id": vol["id"]}})
+    assert r.status_code == 202, r.text
+    backup_id = r.json()["backup"]["id"]
+    while True:
+        p = admin.get(f"/backups/{backup_id}/progress").json()["progress"]
+        if p["status"] != "creating":
+            pytest.skip("the backup finished before the test could detach its source")
+        if p["phase"] == "backup" and 0 < p["bytes_done"] < GiB:
+            break
+        time.sleep(0.01)
+    subprocess.run(["losetup", "-d", dev], check=True)
+    b = admin.wait("backup", backup_id, {"available", "error"})
+    assert b["status"] == "error", b
     assert dev in b["fail_reason"], b["fail_reason"]
     assert admin.get(f"/volumes/{vol['id']}").json()["volume"]["status"] == "available"
