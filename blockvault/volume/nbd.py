@@ -295,10 +295,13 @@ class NbdSource:
             return None
         try:
             ctx = _BITMAP_PREFIX + self.bitmap
-            return [(a, b - a) for a, b in c.status(ctx, 0, c.size,
-                                                    lambda f: f & _STATE_DIRTY)]
+            dirty = [(a, b - a) for a, b in c.status(ctx, 0, c.size,
+                                                     lambda f: f & _STATE_DIRTY)]
         except Exception as e:
             raise self._fail(f"reading dirty bitmap {self.bitmap}", e) from e
+        log.info("%s: incremental from dirty bitmap %s: %d extents, %d bytes", self.name,
+                 self.bitmap, len(dirty), sum(n for _, n in dirty))
+        return dirty
 
 
 class NbdTarget:
