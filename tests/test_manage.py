@@ -425,3 +425,51 @@ def test_a_device_detached_during_the_backup_fails_it_naming_the_source(admin, l
     assert b["status"] == "error", b
     assert dev in b["fail_reason"], b["fail_reason"]
     assert admin.get(f"/volumes/{vol['id']}").json()["volume"]["status"] == "available"
+
+
+# -- migration 0006 -----------------------------------------------------------------------
+
+
+def _migrate(url: str, revision: str, down: bool = False) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from blockvault.db.session import MIGRATIONS, Database
+
+    db = Database(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection_url"] = url
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+    db.engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_migration_0006_puts_existing_volumes_on_the_default_backend(kind, tmp_path):
+    import contextlib
+
+    from sqlalchemy import create_engine, text
+
+    from tests.pg import pg_database
+
+    ctx = pg_database() if kind == "postgresql" else contextlib.nullcontext(
+        f"sqlite:///{tmp_path / 'bv.sqlite'}")
+    with ctx as url:
+        _migrate(url, "0005")
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO volumes (id, project_id, user_id, size, metadata, status, "
+                "attach_status, availability_zone, bootable, created_at, deleted) VALUES "
+                "('v1', 'p', 'u', 1, '{}', 'available', 'detached', 'nova', false, "
+                "CURRENT_TIMESTAMP, false)"))
+        _migrate(url, "head")
+        with engine.begin() as conn:
+            row = conn.execute(text(
+                "SELECT backend, provider_location, owns_disk FROM volumes")).one()
+        assert tuple(row) == ("rawfile", None, True)
+        _migrate(url, "0005", down=True)  # and back
+        _migrate(url, "head")
+        engine.dispose()
