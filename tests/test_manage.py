@@ -473,3 +473,56 @@ def test_migration_0006_puts_existing_volumes_on_the_default_backend(kind, tmp_p
         _migrate(url, "0005", down=True)  # and back
         _migrate(url, "head")
         engine.dispose()
+
+
+# -- python-cinderclient (what `cinder manage` and `openstack volume create --remote-source`
+# -- use) ------------------------------------------------------------------------------------
+
+
+def test_cinderclient_manage_list_pools_unmanage(world):
+    cinder_client = pytest.importorskip("cinderclient.client")
+    ks_loading = pytest.importorskip("keystoneauth1.loading")
+    ks_session = pytest.importorskip("keystoneauth1.session")
+    auth = ks_loading.get_plugin_loader("noauth").load_from_options(
+        user_id="admin", project_id="admin", endpoint=f"{world.url}/v3")
+    cc = cinder_client.Client("3.71", session=ks_session.Session(auth=auth))
+    img = sparse_image(world.images / "cc.raw", GiB, {0: b"cinderclient" * 100})
+    sha = sha256_path(img)
+    pools = {p.name: p for p in cc.pools.list(detailed=True)}
+    assert pools[FILE_HOST].volume_backend_name == "images"  # lifted from capabilities
+    listed = {m.reference["source-name"]: m for m in cc.volumes.list_manageable(FILE_HOST)}
+    assert listed["cc.raw"].safe_to_manage is True
+    vol = cc.volumes.manage(FILE_HOST, {"source-name": "cc.raw"}, name="cc")
+    assert (vol.status, vol.size, vol.name) == ("available", 1, "cc")
+    assert getattr(cc.volumes.get(vol.id), "os-vol-host-attr:host") == FILE_HOST
+    listed = {m.reference["source-name"]: m for m in cc.volumes.list_manageable(FILE_HOST)}
+    assert listed["cc.raw"].safe_to_manage is False and listed["cc.raw"].cinder_id == vol.id
+    cc.volumes.unmanage(vol)
+    assert sha256_path(img) == sha
+
+
+def test_openstack_cli_commands_of_the_docs(world):
+    """The commands docs/volumes.md shows an operator."""
+    pytest.importorskip("openstackclient.shell")
+    import json
+    import sys
+
+    def osc(*args: str):
+        cmd = [sys.executable, "-m", "openstackclient.shell", "--os-auth-type", "admin_token",
+               "--os-token", "admin:admin", "--os-endpoint", f"{world.url}/v3", *args,
+               "-f", "json"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"{args}: {p.stderr}"
+        return json.loads(p.stdout)
+
+    img = sparse_image(world.images / "osc.raw", GiB, {0: b"osc" * 1000})
+    sha = sha256_path(img)
+    listed = osc("--os-volume-api-version", "3.8", "block", "storage", "volume",
+                 "manageable", "list", FILE_HOST)
+    assert any(x["reference"] == {"source-name": "osc.raw"} for x in listed)
+    vol = osc("volume", "create", "--remote-source", "source-name=osc.raw", "--host",
+              FILE_HOST, "oscvol")
+    assert (vol["name"], vol["size"], vol["status"]) == ("oscvol", 1, "available")
+    pools = osc("--os-volume-api-version", "3.8", "volume", "backend", "pool", "list")
+    assert FILE_HOST in [p["Name"] for p in pools]
+    assert sha256_path(img) == sha

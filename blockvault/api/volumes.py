@@ -275,7 +275,10 @@ _volume_manage = {
                 "metadata": schemas.metadata_allows_null,
                 "availability_zone": schemas.nullable_string,
                 "volume_type": schemas.nullable_string,
-                "bootable": schemas.boolean,
+                # null too: openstacksdk (`openstack volume create --remote-source`)
+                # sends "bootable": null when not given
+                "bootable": {**schemas.boolean, "type": ["boolean", "string", "null"],
+                             "enum": [*schemas.boolean["enum"], None]},
             },
             "required": ["ref"],
         }
@@ -297,7 +300,7 @@ def manage_volume(call: Call) -> Response:
         name=schemas.strip(v.get("name", v.get("display_name"))),
         description=schemas.strip(v.get("description", v.get("display_description"))),
         metadata=v.get("metadata"),
-        bootable=schemas.is_true(v.get("bootable", False)),
+        bootable=schemas.is_true(v.get("bootable") or False),
         availability_zone=v.get("availability_zone"),
         volume_type=v.get("volume_type"),
     )
