@@ -63,7 +63,9 @@ def world(tmp_path_factory):
         'driver = "block"\n'
         'paths = ["/dev/loop*"]\n'
     )
-    srv = Server(base / "data", {"BLOCKVAULT_CONFIG": str(config)}).start()
+    srv = Server(base / "data", {"BLOCKVAULT_CONFIG": str(config),
+                                 "BLOCKVAULT_QUOTA_VOLUMES": "1000",
+                                 "BLOCKVAULT_QUOTA_GIGABYTES": "100000"}).start()
     srv.images, srv.base = images, base
     yield srv
     srv.stop()
@@ -80,9 +82,10 @@ def member(world):
 
 
 @pytest.fixture
-def loops(tmp_path):
+def loops(tmp_path, admin):
     """Make loop devices of sparse images: ``loops(size)`` returns /dev/loopN; all are
-    detached at the end."""
+    detached at the end, and the volumes managing them are let go (the next test may be
+    given the same device names)."""
     if shutil.which("losetup") is None:
         pytest.skip("losetup is not installed")
     made: list[str] = []
@@ -97,6 +100,13 @@ def loops(tmp_path):
         return made[-1]
 
     yield make
+    vols = admin.get("/volumes/detail", params={"all_tenants": "1"}).json()["volumes"]
+    for v in vols:
+        if v["os-vol-host-attr:host"] == BLOCK_HOST:
+            admin.post(f"/volumes/{v['id']}/action",
+                       {"os-reset_status": {"status": "available"}})
+            r = admin.post(f"/volumes/{v['id']}/action", {"os-unmanage": {}})
+            assert r.status_code == 202, r.text
     for dev in made:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
 
