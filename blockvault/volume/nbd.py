@@ -189,8 +189,7 @@ class _Conn:
                 return 0
 
             self.h.block_status(min(_STATUS_SPAN, stop - pos), pos, cb)
-            if not got:
-                raise OSError(f"NBD export {self.uri} answered no block status at {pos}")
+            before = pos
             for off, n, flags in got:
                 a, b = max(off, pos), min(off + n, stop)
                 if b <= a:
@@ -203,6 +202,8 @@ class _Conn:
                             yield cur[0], cur[1]
                         cur = [a, b]
                 pos = max(pos, b)
+            if pos == before:  # never loop forever on a server that answers nothing new
+                raise OSError(f"NBD export {self.uri} answered no block status at {pos}")
         if cur is not None:
             yield cur[0], cur[1]
 
