@@ -461,6 +461,7 @@ def test_migration_0006_puts_existing_volumes_on_the_default_backend(kind, tmp_p
     import contextlib
 
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError
 
     from tests.pg import pg_database
 
@@ -480,6 +481,20 @@ def test_migration_0006_puts_existing_volumes_on_the_default_backend(kind, tmp_p
             row = conn.execute(text(
                 "SELECT backend, provider_location, owns_disk FROM volumes")).one()
         assert tuple(row) == ("rawfile", None, True)
+        # one live volume per disk; deleted ones and raw ones (no location) do not count
+        insert = text(
+            "INSERT INTO volumes (id, project_id, user_id, size, metadata, status, "
+            "attach_status, availability_zone, bootable, created_at, deleted, backend, "
+            "provider_location, owns_disk) VALUES (:id, 'p', 'u', 1, '{}', 'available', "
+            "'detached', 'nova', false, CURRENT_TIMESTAMP, :deleted, :backend, :loc, false)")
+        with engine.begin() as conn:
+            conn.execute(insert, dict(id="v2", deleted=True, backend="images", loc="a.raw"))
+            conn.execute(insert, dict(id="v3", deleted=False, backend="images", loc="a.raw"))
+            conn.execute(insert, dict(id="v4", deleted=False, backend="rawfile", loc=None))
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(insert, dict(id="v5", deleted=False, backend="images", loc="a.raw"))
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM volumes WHERE id IN ('v2', 'v3', 'v4')"))
         _migrate(url, "0005", down=True)  # and back
         _migrate(url, "head")
         engine.dispose()
@@ -536,3 +551,14 @@ def test_openstack_cli_commands_of_the_docs(world):
     pools = osc("--os-volume-api-version", "3.8", "volume", "backend", "pool", "list")
     assert FILE_HOST in [p["Name"] for p in pools]
     assert sha256_path(img) == sha
+
+
+def test_racing_managers_of_one_source_make_one_volume(world, admin):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sparse_image(world.images / "race.raw", GiB)
+    clients = [world.client("admin", "admin") for _ in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        codes = sorted(pool.map(lambda c: manage(c, FILE_HOST, "race.raw").status_code,
+                                clients))
+    assert codes == [202, 400, 400, 400, 400, 400]

@@ -108,7 +108,11 @@ class Volume(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
-    __table_args__ = (Index("ix_volumes_backend_location", "backend", "provider_location"),)
+    __table_args__ = (
+        # one live volume per disk (migration 0006)
+        Index("ix_volumes_backend_location", "backend", "provider_location", unique=True,
+              sqlite_where=text("NOT deleted"), postgresql_where=text("NOT deleted")),
+    )
 
 
 class Snapshot(Base):

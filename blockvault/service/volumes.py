@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, Snapshot, Volume, utcnow
@@ -300,6 +301,21 @@ class VolumeService:
         except InvalidReference as exc:
             raise invalid_input(str(exc)) from None
         size = check_size(found.size // GiB)
+        try:
+            return self._add_managed(ctx, backend, found, ref, size, name=name,
+                                     description=description, metadata=metadata,
+                                     bootable=bootable)
+        except IntegrityError:
+            # another request managed it between our check and our insert
+            raise invalid_input(
+                f"Source {ref.get('source-name')} is already managed by another volume."
+            ) from None
+
+    def _add_managed(
+        self, ctx: RequestContext, backend: VolumeDriver, found: Any, ref: dict, size: int,
+        *, name: str | None, description: str | None, metadata: dict[str, str] | None,
+        bootable: bool,
+    ) -> Volume:
         with self.db.session() as s:
             other = s.scalar(
                 select(Volume.id).where(

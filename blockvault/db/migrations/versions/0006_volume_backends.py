@@ -24,8 +24,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("owns_disk", sa.Boolean(), nullable=False,
                                    server_default=sa.true()))
     op.execute("UPDATE volumes SET backend = 'rawfile' WHERE backend IS NULL")
+    # One live volume per disk: two managers racing to manage the same source cannot both
+    # win (raw volumes have no location, and NULLs never collide).
     op.create_index("ix_volumes_backend_location", "volumes",
-                    ["backend", "provider_location"])
+                    ["backend", "provider_location"], unique=True,
+                    sqlite_where=sa.text("NOT deleted"),
+                    postgresql_where=sa.text("NOT deleted"))
 
 
 def downgrade() -> None:
