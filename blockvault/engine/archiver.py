@@ -573,6 +573,7 @@ class BackupRun:
         report = Throttle(progress, size, "backup")
         self.parent = ParentEntries()
         ranges: list[tuple[int, int]] | None = None
+        comparable = False  # a usable parent of this size: changed ranges apply
         if parent_id is not None:
             try:
                 pm = ManifestReader(self.c, parent_id, self.crypto, self.container)
@@ -585,19 +586,23 @@ class BackupRun:
                              "backup", parent_id)
                 elif pm.block_size == bs:
                     self.parent = ParentEntries(pm.raw_segments())
-                    if pm.size == size:
-                        if changed is None:  # the source's own tracking, if it vouches
-                            changed = src.changed_extents()
-                            if changed is None:
-                                log.info("backup %s: %s has no change tracking that covers "
-                                         "everything since parent %s; reading it whole",
-                                         backup_id, src.name, parent_id)
-                        if changed is not None:
-                            ranges = block_ranges(changed, size, bs)
+                    comparable = pm.size == size
                 else:
                     log.info("parent %s has another block size; doing a full backup", parent_id)
             except DataError as e:
                 log.info("parent %s unusable (%s); doing a full backup", parent_id, e)
+            if comparable and changed is None:  # the source's own tracking, if it vouches
+                try:
+                    changed = src.changed_extents()
+                except BaseException:
+                    src.close()  # it may have connected to answer
+                    raise
+                if changed is None:
+                    log.info("backup %s: %s has no change tracking that covers everything "
+                             "since parent %s; reading it whole", backup_id, src.name,
+                             parent_id)
+            if comparable and changed is not None:
+                ranges = block_ranges(changed, size, bs)
         self.comp_q: deque[Future] = deque()
         # Direct reads save the kernel's copy into fresh cache pages: most of the system
         # time of a full backup, which is CPU-bound (it compresses all it reads). An
