@@ -21,8 +21,9 @@ callers that have a file or a block device change nothing. Volume drivers (for e
   unallocated or known-zero extents). Yielding the whole range is always correct.
 - ``read_into(buf, offset, length, limit)``: fill ``buf.view[:length]`` with the bytes at
   ``offset`` and return that view; bytes at or past ``limit`` read as zeros. Called from
-  several reader threads at once, for disjoint ranges. Errors raise (``OSError`` or
-  ``SourceError`` naming the source): a backup never stores a guess.
+  several reader threads at once, for disjoint ranges. Errors raise (an ``OSError``, or
+  the driver's own exception naming the source) and fail the backup: it never stores a
+  guess.
 - ``changed_extents()``: byte ranges ``(offset, length)`` that may differ from the data of
   the parent backup the caller names, from the source's own change tracking (a dirty
   bitmap); ``None`` when the source cannot vouch that its tracking covers every write
@@ -44,10 +45,6 @@ from typing import Protocol, runtime_checkable
 from blockvault.directio import ALIGN, AlignedBuffer, open_direct
 
 READ_CHUNK = 4 * 1024 * 1024  # one read = one unit of parallel work
-
-
-class SourceError(OSError):
-    """Reading a source failed; the message names the source."""
 
 
 @runtime_checkable
