@@ -143,9 +143,10 @@ def test_full_backup_round_trip_keeps_holes(
     assert res.stored_bytes < 2 * MiB + 100_000 + 400_000 + 5000 + 300_000
     assert progress[-1] == (size, size, "backup")
     assert engine.has_backup(container="c", backup_id="b1")
-    assert not (store.root / "c" / "gc").exists() or not list(
-        (store.root / "c" / "gc").rglob("*")
-    )
+    # no mark or reference list outlives the backup (an empty directory the local store
+    # leaves behind after deleting a reference list is not an object)
+    gc = store.root / "c" / "gc"
+    assert not [p for p in gc.rglob("*") if p.is_file()]
 
     dst = new_target(tmp_path / "restored")
     engine.restore(container="c", backup_id="b1", target=dst, target_is_new=True)
