@@ -344,8 +344,8 @@ def test_api_manage_incremental_from_bitmap_restore_and_export_gone(
         assert r.status_code == 202, r.text
         b = admin.wait("backup", r.json()["backup"]["id"], {"available", "error"})
         assert b["status"] == "error"
-        # (The service's scrub of endpoints hides the URI itself for now; the log has it.)
-        assert b["fail_reason"].startswith("NBD export "), b["fail_reason"]
+        # named as the admin named it when managing the volume
+        assert b["fail_reason"].startswith(f"NBD export nbd+unix:///?socket={sock}"), b
         assert "is unreachable" in b["fail_reason"], b["fail_reason"]
         assert admin.get(f"/volumes/{vol}").json()["volume"]["status"] == "available"
     finally:

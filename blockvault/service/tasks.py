@@ -230,8 +230,11 @@ class Tasks:
         return self.write(tx, f"the outcome of job {job.id} ({job.kind} of {job.backup_id})")
 
     def _failed(self, job: Job, reason: str) -> Any:
-        reason = scrub(reason)[:FAIL_REASON_MAX]
-        return self._final(job, lambda s: self.fail(s, job, reason), "failed", reason)
+        """End ``job`` as failed with ``reason``, a user's text already (fail_reason or a
+        fixed sentence): not scrubbed again, so a source error keeps the source's name."""
+        reason = reason[:FAIL_REASON_MAX]
+        return self._final(job, lambda s: self._record_failure(s, job, reason), "failed",
+                           reason)
 
     def _discard_unless_winner(self, container: str, backup_id: str, sid: str) -> bool:
         """Remove an attempt's objects unless that attempt's storage id is the one the
@@ -708,8 +711,11 @@ class Tasks:
 
     def fail(self, s: Session, job: Job, reason: str) -> None:
         """Record a failed job in the reference's error states, inside the transaction that
-        won the job row's conditional update."""
-        reason = scrub(reason)[:FAIL_REASON_MAX]  # whoever wrote it: no path, no endpoint
+        won the job row's conditional update: the job runner's entry, for reasons of its
+        own (a crashed handler, a job out of attempts), so scrubbed whoever wrote them."""
+        self._record_failure(s, job, scrub(reason)[:FAIL_REASON_MAX])
+
+    def _record_failure(self, s: Session, job: Job, reason: str) -> None:
         if job.kind in ("create", "import"):
             set_backup_status(s, job.backup_id, ("creating",), status="error",
                               fail_reason=reason)
