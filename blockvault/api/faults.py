@@ -43,8 +43,10 @@ MAX_MESSAGE = 1000
 # Server-side locations: URLs (Swift/S3/Keystone endpoints) and absolute paths of two
 # components or more (data_dir, store directories). They help an operator, who finds them
 # in the log, and tell a tenant about the deployment, so error bodies never carry them.
+# Device names (/dev/...) are kept: an admin managing a block device gives them, and an
+# error about one must say which.
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
-_PATH = re.compile(r"(?<![\w.~:-])/(?:[\w.~@+-]+/)+[\w.~@+-]*")
+_PATH = re.compile(r"(?<![\w.~:-])/(?!dev/)(?:[\w.~@+-]+/)+[\w.~@+-]*")
 
 
 class SafeJSONResponse(JSONResponse):
