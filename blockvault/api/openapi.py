@@ -95,6 +95,9 @@ REQUEST_BODIES: dict[Callable, Callable[[], BodySchema]] = {
     volumes.update_quotas: lambda: schemas.quota_set,
     volumes.manage_volume: lambda: volumes._volume_manage,
     volumes.os_volume_manage: lambda: volumes._volume_manage,
+    volumes.create_volume_metadata: lambda: volumes._metadata_body,
+    volumes.replace_volume_metadata: lambda: volumes._metadata_body,
+    volumes.update_volume_metadata_item: lambda: volumes._meta_item_body,
 }
 
 
@@ -253,6 +256,14 @@ SUCCESS: dict[Callable, dict[str, Schema]] = {
     volumes.update_volume: {"200": _json("the updated volume", rs.ONE_VOLUME)},
     volumes.delete_volume: {"202": _empty("volume deleted")},
     volumes.volume_action: {"202": _empty("action accepted")},
+    volumes.show_volume_metadata: {"200": _json("the volume's metadata", rs.VOLUME_METADATA)},
+    volumes.create_volume_metadata: {
+        "200": _json("the volume's whole metadata, merged", rs.VOLUME_METADATA)},
+    volumes.replace_volume_metadata: {
+        "200": _json("the volume's new metadata", rs.VOLUME_METADATA)},
+    volumes.show_volume_metadata_item: {"200": _json("one item", rs.VOLUME_METADATA_ITEM)},
+    volumes.update_volume_metadata_item: {"200": _json("the item set", rs.VOLUME_METADATA_ITEM)},
+    volumes.delete_volume_metadata_item: {"200": _empty("item deleted (empty body)")},
     volumes.write_data: {"204": _empty("bytes written")},
     volumes.read_data: {
         "200": _bytes("the volume's bytes"),

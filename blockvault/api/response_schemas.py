@@ -232,6 +232,9 @@ VOLUME_DETAIL: Schema = _obj(
 VOLUME_LIST = _list("volumes", VOLUME_SUMMARY)
 VOLUME_DETAIL_LIST = _list("volumes", VOLUME_DETAIL)
 ONE_VOLUME = _obj({"volume": VOLUME_DETAIL}, ("volume",))
+VOLUME_METADATA = _obj({"metadata": METADATA}, ("metadata",))
+VOLUME_METADATA_ITEM = _obj(
+    {"meta": {**METADATA, "minProperties": 1, "maxProperties": 1}}, ("meta",))
 
 # -- volume backends: manageable volumes, pools -------------------------------------------------
 

@@ -21,7 +21,12 @@ from blockvault.api.views import (
     volume_summary,
 )
 from blockvault.service.errors import Invalid, NotFound, invalid_input
-from blockvault.service.volumes import DB_MAX_INT, DEFAULT_VOLUME_TYPE_ID, check_size
+from blockvault.service.volumes import (
+    DB_MAX_INT,
+    DEFAULT_VOLUME_TYPE_ID,
+    check_size,
+    metadata_not_found,
+)
 
 # Volume bodies are checked field by field rather than with additionalProperties=false:
 # clients send many keys this service has no use for (imageRef, multiattach, ...).
@@ -255,6 +260,76 @@ def volume_action(call: Call) -> Response:
             "header and try again.",
         )
     return accepted()
+
+
+# -- volume metadata (Cinder's volume_metadata API) ----------------------------------------
+# Cinder's schemas (cinder/api/schemas/volume_metadata.py): keys and values as a volume's
+# ``metadata``; an item update carries exactly one key.
+
+_metadata_body = {
+    "type": "object",
+    "properties": {"metadata": schemas.metadata},
+    "required": ["metadata"],
+    "additionalProperties": False,
+}
+_meta_item_body = {
+    "type": "object",
+    "properties": {"meta": {**schemas.metadata, "minProperties": 1, "maxProperties": 1}},
+    "required": ["meta"],
+    "additionalProperties": False,
+}
+
+
+def show_volume_metadata(call: Call) -> Response:
+    """A volume's metadata."""
+    return json_response(
+        {"metadata": call.services.volumes.get_metadata(call.ctx, call.path["volume_id"])})
+
+
+def create_volume_metadata(call: Call) -> Response:
+    """Merge items into a volume's metadata; the answer is the whole metadata."""
+    body = call.body
+    schemas.validate(_metadata_body, body)
+    merged = call.services.volumes.create_metadata(
+        call.ctx, call.path["volume_id"], body["metadata"])
+    return json_response({"metadata": merged})
+
+
+def replace_volume_metadata(call: Call) -> Response:
+    """Replace the whole of a volume's metadata."""
+    body = call.body
+    schemas.validate(_metadata_body, body)
+    new = call.services.volumes.update_metadata(
+        call.ctx, call.path["volume_id"], body["metadata"], replace=True)
+    return json_response({"metadata": new})
+
+
+def show_volume_metadata_item(call: Call) -> Response:
+    """One item of a volume's metadata."""
+    volume_id, key = call.path["volume_id"], call.path["key"]
+    metadata = call.services.volumes.get_metadata(call.ctx, volume_id)
+    if key not in metadata:
+        raise metadata_not_found(volume_id, key)
+    return json_response({"meta": {key: metadata[key]}})
+
+
+def update_volume_metadata_item(call: Call) -> Response:
+    """Set one item of a volume's metadata."""
+    body = call.body
+    schemas.validate(_meta_item_body, body)
+    item = body["meta"]
+    if call.path["key"] not in item:
+        raise HTTPFault(400, "Request body and URI mismatch")
+    if len(item) > 1:  # Cinder's check; its schema (maxProperties) refuses this first
+        raise HTTPFault(400, "Request body contains too many items")
+    call.services.volumes.update_metadata(call.ctx, call.path["volume_id"], item)
+    return json_response({"meta": item})
+
+
+def delete_volume_metadata_item(call: Call) -> Response:
+    """Delete one item of a volume's metadata (200 with an empty body, as Cinder)."""
+    call.services.volumes.delete_metadata(call.ctx, call.path["volume_id"], call.path["key"])
+    return Response(status_code=200)
 
 
 # -- volume backends: manage existing, pools -------------------------------------------------
@@ -643,6 +718,13 @@ ENDPOINTS = [
     Endpoint("PUT", "/volumes/{volume_id}", update_volume, body="json"),
     Endpoint("DELETE", "/volumes/{volume_id}", delete_volume),
     Endpoint("POST", "/volumes/{volume_id}/action", volume_action, body="json"),
+    Endpoint("GET", "/volumes/{volume_id}/metadata", show_volume_metadata),
+    Endpoint("POST", "/volumes/{volume_id}/metadata", create_volume_metadata, body="json"),
+    Endpoint("PUT", "/volumes/{volume_id}/metadata", replace_volume_metadata, body="json"),
+    Endpoint("GET", "/volumes/{volume_id}/metadata/{key}", show_volume_metadata_item),
+    Endpoint("PUT", "/volumes/{volume_id}/metadata/{key}", update_volume_metadata_item,
+             body="json"),
+    Endpoint("DELETE", "/volumes/{volume_id}/metadata/{key}", delete_volume_metadata_item),
     Endpoint("PUT", "/volumes/{volume_id}/data", write_data, body="raw", is_async=True),
     Endpoint("GET", "/volumes/{volume_id}/data", read_data, is_async=True),
     Endpoint("POST", "/manageable_volumes", manage_volume, body="json"),

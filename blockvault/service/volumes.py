@@ -525,6 +525,60 @@ class VolumeService:
             ctx.authorize("volume_extension:volume_admin_actions:reset_status", vol)
             vol.status, vol.updated_at = status, utcnow()
 
+    # -- volume metadata (Cinder's volume_metadata API) ------------------------------------
+    # As Cinder: the volume is looked up (another project's is 404) and ``volume:get``
+    # checked, then the metadata rule; changes are refused while the volume is uploading
+    # (blockvault: a data write runs) or in maintenance. Metadata counts against no quota.
+
+    def get_metadata(self, ctx: RequestContext, volume_id: str) -> dict[str, str]:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id)
+            ctx.authorize("volume:get", vol)
+            ctx.authorize("volume:get_volume_metadata", vol)
+            return dict(vol.metadata_ or {})
+
+    def create_metadata(
+        self, ctx: RequestContext, volume_id: str, metadata: dict[str, str]
+    ) -> dict[str, str]:
+        """Merge ``metadata`` into the volume's (Cinder's create_volume_metadata)."""
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume:get", vol)
+            ctx.authorize("volume:create_volume_metadata", vol)
+            return _write_metadata(vol, {**(vol.metadata_ or {}), **metadata})
+
+    def update_metadata(
+        self, ctx: RequestContext, volume_id: str, metadata: dict[str, str],
+        replace: bool = False,
+    ) -> dict[str, str]:
+        """Merge ``metadata`` into the volume's, or with ``replace`` make it the whole of
+        it (Cinder's update_volume_metadata, ``delete=True``)."""
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            ctx.authorize("volume:get", vol)
+            ctx.authorize("volume:update_volume_metadata", vol)
+            new = dict(metadata) if replace else {**(vol.metadata_ or {}), **metadata}
+            return _write_metadata(vol, new)
+
+    def delete_metadata(self, ctx: RequestContext, volume_id: str, key: str) -> None:
+        with self.db.session() as s:
+            vol = visible_volume(s, ctx, volume_id, lock=True)
+            # Cinder reads the metadata first (get rule), so an absent key is 404 even to
+            # a caller the delete rule refuses.
+            ctx.authorize("volume:get", vol)
+            ctx.authorize("volume:get_volume_metadata", vol)
+            current = dict(vol.metadata_ or {})
+            if key not in current:
+                raise metadata_not_found(volume_id, key)
+            ctx.authorize("volume:delete_volume_metadata", vol)
+            if vol.status in _METADATA_FROZEN:
+                raise invalid_volume(
+                    f"Deleting volume metadata is not allowed for volumes in {vol.status} "
+                    "status."
+                )
+            del current[key]
+            vol.metadata_ = current
+
     # -- volume data (blockvault extension) ---------------------------------------------
 
     def write_data(
@@ -654,6 +708,24 @@ class VolumeService:
                 raise Invalid("Invalid snapshot: a backup of this snapshot is running.")
             snap.status, snap.deleted, snap.deleted_at = "deleted", True, utcnow()
         self.driver.delete_snapshot(snapshot_id)
+
+
+#: Cinder refuses metadata changes in these statuses (blockvault's data writes are
+#: ``uploading``; ``maintenance`` is reachable through os-reset_status).
+_METADATA_FROZEN = ("maintenance", "uploading")
+
+
+def metadata_not_found(volume_id: str, key: str) -> NotFound:
+    return NotFound(f"Volume {volume_id} has no metadata with key {key}.")
+
+
+def _write_metadata(vol: Volume, new: dict[str, str]) -> dict[str, str]:
+    if vol.status in _METADATA_FROZEN:
+        raise invalid_volume(
+            f"Updating volume metadata is not allowed for volumes in {vol.status} status."
+        )
+    vol.metadata_ = new  # a new dict: the JSON column notices assignment, not mutation
+    return dict(new)
 
 
 def _bounded(chunks: Iterable[bytes], limit: int, volume_id: str) -> Iterator[bytes]:
