@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from tests.keystone import ADMIN_PASSWORD, TOOLS, keystone_process
 from tests.server import Api, Server, free_port
 
 pytest.importorskip("keystonemiddleware.auth_token")
@@ -31,9 +32,7 @@ pytest.importorskip("keystoneauth1.session")
 
 from blockvault.api.keystone import AUTH_REQUIRED, KeystoneAuthenticator, build_conf
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools" / "keystone"
 MiB = 1024 * 1024
-ADMIN_PASSWORD = "secret"  # start-keystone.sh's bootstrap admin
 
 
 def _load_setup_tool():
@@ -81,18 +80,9 @@ class Keystone:
 
 @pytest.fixture(scope="module")
 def keystone(tmp_path_factory):
-    if os.environ.get("BLOCKVAULT_SKIP_KEYSTONE") == "1":
-        pytest.skip("BLOCKVAULT_SKIP_KEYSTONE=1")
     run = tmp_path_factory.mktemp("keystone")
-    port = free_port()
-    env = {**os.environ, "KEYSTONE_PORT": str(port), "KEYSTONE_ADMIN_PASSWORD": ADMIN_PASSWORD}
-    p = subprocess.run(["bash", str(TOOLS / "start-keystone.sh"), str(run)], env=env,
-                       check=False, timeout=900, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    try:
-        yield Keystone(f"http://127.0.0.1:{port}", run)
-    finally:
-        subprocess.run(["bash", str(TOOLS / "stop-keystone.sh"), str(run)], check=False)
+    with keystone_process(run) as url:
+        yield Keystone(url, run)
 
 
 def toml_config(auth_url: str, service_password: str | None, **extra: str | int) -> str:

@@ -4,19 +4,18 @@ project and finds its Swift account in the catalog (issue 3)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.server import Server, free_port
+from tests.keystone import ADMIN_PASSWORD, keystone_process
+from tests.server import Server
 from tests.swift_fixture import start_swift_server
 
 ks_session = pytest.importorskip("keystoneauth1.session")
 ks_v3 = pytest.importorskip("keystoneauth1.identity.v3")
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools" / "keystone"
 MiB = 1024 * 1024
 
 
@@ -25,12 +24,13 @@ def keystone_swift(tmp_path_factory):
     """Keystone + a Swift all-in-one whose proxy also accepts Keystone tokens."""
     if os.environ.get("BLOCKVAULT_SKIP_SWIFT") == "1":
         pytest.skip("BLOCKVAULT_SKIP_SWIFT=1")
-    run = tmp_path_factory.mktemp("keystone")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "KEYSTONE_PORT": str(port)}
-    subprocess.run(["bash", str(TOOLS / "start-keystone.sh"), str(run)], env=env,
-                   check=True, timeout=900, capture_output=True)
+    with keystone_process(tmp_path_factory.mktemp("keystone")) as url:
+        yield from _with_swift(tmp_path_factory, url)
+
+
+def _with_swift(tmp_path_factory, url: str):
+    """The Swift half of ``keystone_swift``: started against the Keystone at ``url``, a
+    project and user of its own, Swift in the catalog; yields what the tests use."""
     saved = {k: os.environ.get(k) for k in ("SWIFT_KEYSTONE_URL", "SWIFT_VENV",
                                             "SWIFT_EXTRA_DAEMONS")}
     os.environ.update(SWIFT_KEYSTONE_URL=url, SWIFT_EXTRA_DAEMONS="0",
@@ -39,7 +39,7 @@ def keystone_swift(tmp_path_factory):
     try:
         swift = start_swift_server(tmp_path_factory.mktemp("swift-ks"))
         admin = ks_session.Session(auth=ks_v3.Password(
-            auth_url=f"{url}/v3", username="admin", password="secret", project_name="admin",
+            auth_url=f"{url}/v3", username="admin", password=ADMIN_PASSWORD, project_name="admin",
             user_domain_id="default", project_domain_id="default"))
         project = admin.post(f"{url}/v3/projects", json={"project": {
             "name": f"bv-{uuid.uuid4().hex[:8]}", "domain_id": "default"}}).json()["project"]
@@ -63,7 +63,6 @@ def keystone_swift(tmp_path_factory):
                 os.environ[key] = value
         if swift is not None:
             swift.stop_all()
-        subprocess.run(["bash", str(TOOLS / "stop-keystone.sh"), str(run)], check=False)
 
 
 def _env(ks: dict, key: str) -> dict[str, str]:

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import Server, free_port
+from tests.keystone import ADMIN_PASSWORD, TOOLS, keystone_process
+from tests.server import Server
 
 pytest.importorskip("keystonemiddleware.auth_token")
 pytest.importorskip("keystoneauth1.session")
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYSTONE_TOOLS = ROOT / "tools" / "keystone"
+
 RUN_TEMPEST = ROOT / "tools" / "tempest" / "run-tempest.sh"
-ADMIN_PASSWORD = "secret"  # start-keystone.sh's bootstrap admin
 
 B = "tempest.api.volume."
 P = "cinder_tempest_plugin.api.volume."
@@ -92,7 +92,7 @@ TEMPEST_TIMEOUT = 420
 
 def _load_setup_tool():
     spec = importlib.util.spec_from_file_location("setup_blockvault",
-                                                  KEYSTONE_TOOLS / "setup_blockvault.py")
+                                                  TOOLS / "setup_blockvault.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -127,19 +127,8 @@ def tempest_venv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keystone(tmp_path_factory):
-    if os.environ.get("BLOCKVAULT_SKIP_KEYSTONE") == "1":
-        pytest.skip("BLOCKVAULT_SKIP_KEYSTONE=1")
-    run = tmp_path_factory.mktemp("keystone")
-    port = free_port()
-    env = {**os.environ, "KEYSTONE_PORT": str(port), "KEYSTONE_ADMIN_PASSWORD": ADMIN_PASSWORD}
-    p = subprocess.run(["bash", str(KEYSTONE_TOOLS / "start-keystone.sh"), str(run)], env=env,
-                       check=False, timeout=600, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    try:
-        yield f"http://127.0.0.1:{port}/v3"
-    finally:
-        subprocess.run(["bash", str(KEYSTONE_TOOLS / "stop-keystone.sh"), str(run)],
-                       check=False)
+    with keystone_process(tmp_path_factory.mktemp("keystone")) as url:
+        yield f"{url}/v3"
 
 
 def _accounts(password: str, suite: str) -> list[dict]:
