@@ -223,24 +223,10 @@ class VolumeService:
     ) -> Volume:
         """An ``available`` volume inside the caller's transaction ``s``: quota checked, row
         added, file made (its id appended to ``made``, see :meth:`new_files`)."""
-        size = check_size(size)
-        self.quotas.check_volume(s, ctx.project_id, size)
-        vol = Volume(
-            project_id=ctx.project_id,
-            user_id=ctx.user_id,
-            size=size,
-            display_name=name,
-            display_description=description,
-            metadata_=dict(metadata or {}),
-            status="creating",
-            availability_zone=self.availability_zone,
-            volume_type=DEFAULT_VOLUME_TYPE,
-            snapshot_id=snapshot_id,
-            source_volid=source_volid,
-            backend=self.backends.default,
-            owns_disk=True,
-        )
-        s.add(vol)
+        vol = self._new_row(s, ctx, check_size(size), name, description, metadata,
+                            status="creating", snapshot_id=snapshot_id,
+                            source_volid=source_volid, backend=self.backends.default,
+                            owns_disk=True)
         s.flush()
         try:
             if src_path is None:
@@ -328,25 +314,26 @@ class VolumeService:
                 raise invalid_input(
                     f"Source {ref.get('source-name')} is already managed by volume {other}."
                 )
-            self.quotas.check_volume(s, ctx.project_id, size)
-            vol = Volume(
-                project_id=ctx.project_id,
-                user_id=ctx.user_id,
-                size=size,
-                display_name=name,
-                display_description=description,
-                metadata_=dict(metadata or {}),
-                status="available",
-                availability_zone=self.availability_zone,
-                volume_type=DEFAULT_VOLUME_TYPE,
-                bootable=bool(bootable),
-                backend=backend.name,
-                provider_location=found.location,
-                provider_info=dict(found.info),
-                owns_disk=False,
-                updated_at=utcnow(),
-            )
-            s.add(vol)
+            vol = self._new_row(s, ctx, size, name, description, metadata,
+                                status="available", bootable=bool(bootable),
+                                backend=backend.name, provider_location=found.location,
+                                provider_info=dict(found.info), owns_disk=False,
+                                updated_at=utcnow())
+        return vol
+
+    def _new_row(self, s: Session, ctx: RequestContext, size: int, name: str | None,
+                 description: str | None, metadata: dict[str, str] | None,
+                 **fields: Any) -> Volume:
+        """A volume row of the caller's project, added to ``s`` once its size fits the
+        project's quota; ``fields`` are what differs between a new disk and a managed one."""
+        self.quotas.check_volume(s, ctx.project_id, size)
+        vol = Volume(
+            project_id=ctx.project_id, user_id=ctx.user_id, size=size,
+            display_name=name, display_description=description,
+            metadata_=dict(metadata or {}), availability_zone=self.availability_zone,
+            volume_type=DEFAULT_VOLUME_TYPE, **fields,
+        )
+        s.add(vol)
         return vol
 
     def unmanage(self, ctx: RequestContext, volume_id: str) -> None:
