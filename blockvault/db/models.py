@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     event,
+    false,
     func,
     select,
     text,
@@ -166,10 +167,65 @@ class Backup(Base):
     volume_meta: Mapped[dict | None] = mapped_column(JSON)
     #: Bytes this backup added to the object store (blockvault's own accounting).
     stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    #: the backup schedule that made it (blockvault.service.schedules); NULL for API calls.
+    #: Retention prunes only a schedule's own backups, found by this.
+    schedule_id: Mapped[str | None] = mapped_column(String(36), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Schedule(Base):
+    """A backup schedule (blockvault extension ``os-backup-schedules``): which volumes, when,
+    full or incremental, how many to keep; its last run and counters. The lease columns let
+    exactly one of several processes sharing the DB fire a run (blockvault.service.scheduler).
+    """
+
+    __tablename__ = "backup_schedules"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(String(255), index=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str | None] = mapped_column(String(255))
+    description: Mapped[str | None] = mapped_column(String(255))
+    #: selector: these volume ids, or every volume of the project carrying the metadata key
+    #: (``key`` or ``key=value``)
+    volume_ids: Mapped[list | None] = mapped_column(JSON)
+    volume_metadata_key: Mapped[str | None] = mapped_column(String(255))
+    #: exactly one of cron / interval_seconds
+    cron: Mapped[str | None] = mapped_column(String(255))
+    interval_seconds: Mapped[int | None] = mapped_column(Integer)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")
+    #: a full backup every N scheduled backups of a volume; 0 = first full, then incremental
+    full_every: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    container: Mapped[str | None] = mapped_column(String(255))
+    keep_last: Mapped[int | None] = mapped_column(Integer)
+    keep_hourly: Mapped[int | None] = mapped_column(Integer)
+    keep_daily: Mapped[int | None] = mapped_column(Integer)
+    keep_weekly: Mapped[int | None] = mapped_column(Integer)
+    keep_monthly: Mapped[int | None] = mapped_column(Integer)
+    keep_yearly: Mapped[int | None] = mapped_column(Integer)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    #: naive UTC
+    next_run_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    last_run_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    last_success_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: 'success' | 'partial' | 'failed'
+    last_outcome: Mapped[str | None] = mapped_column(String(16))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_backups_made: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_backups_pruned: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: monotonic counters in the DB, so every process and /metrics agree
+    runs_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failures_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    misses_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: the DB lease: set and compared with db_now, never a process's clock
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class QuotaLimit(Base):
