@@ -68,6 +68,10 @@ class Settings:
     maintenance_interval: float = 0.0
     #: seconds finished jobs are kept before the maintenance timer prunes them (0 = forever)
     job_retention: float = 259200.0
+    #: seconds between the backup scheduler's looks at due schedules (docs/schedules.md)
+    scheduler_interval: float = 30.0
+    #: seconds a process holds a schedule's lease while it fires or settles a run
+    scheduler_lease_seconds: int = 300
     # Quotas (Cinder's defaults)
     quota_volumes: int = 10
     quota_snapshots: int = 10

@@ -18,6 +18,7 @@ from starlette.routing import Route
 from blockvault.api import backups as backup_routes
 from blockvault.api import health as health_routes
 from blockvault.api import openapi as openapi_routes
+from blockvault.api import schedules as schedule_routes
 from blockvault.api import volumes as volume_routes
 from blockvault.api.auth import make_authenticator
 from blockvault.api.faults import HTTPFault, fault_response
@@ -32,6 +33,8 @@ from blockvault.service.context import RequestContext
 from blockvault.service.jobs import JobRunner
 from blockvault.service.quotas import QuotaDefaults, Quotas
 from blockvault.service.recovery import sweep_orphans
+from blockvault.service.scheduler import Scheduler
+from blockvault.service.schedules import ScheduleService
 from blockvault.service.tasks import Tasks
 from blockvault.service.volumes import VolumeService
 from blockvault.store import Backend
@@ -131,6 +134,9 @@ class Services:
             retention=settings.job_retention,
         )
         tasks.bind(self.runner)
+        self.schedules = ScheduleService(self.db, self.backups, settings.osapi_max_limit)
+        self.scheduler = Scheduler(self.db, self.backups, interval=settings.scheduler_interval,
+                                   lease_seconds=settings.scheduler_lease_seconds)
 
     def start(self) -> None:
         self.runner.start()
@@ -139,6 +145,7 @@ class Services:
             self.tasks.owe_gc_everywhere()
         except Exception:
             log.exception("listing containers for garbage collection failed")
+        self.scheduler.start()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether jobs can run: worker threads alive and the DB taking writes."""
@@ -154,6 +161,7 @@ class Services:
         return not problems, body
 
     def stop(self) -> None:
+        self.scheduler.stop()
         self.runner.stop()
         self.db.dispose()
 
@@ -236,7 +244,8 @@ def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
         Route("/v2/", v2_root),
         *health_routes.routes(services),
         *openapi_routes.routes(settings),
-        *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS, services),
+        *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS
+                    + schedule_routes.ENDPOINTS, services),
     ]
     return Starlette(
         routes=routes,

@@ -216,6 +216,8 @@ class Schedule(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_backups_made: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_backups_pruned: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: the backups the last run created: its outcome is settled once all their jobs ended
+    last_run_backup_ids: Mapped[list | None] = mapped_column(JSON)
     #: monotonic counters in the DB, so every process and /metrics agree
     runs_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     failures_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

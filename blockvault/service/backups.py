@@ -249,6 +249,7 @@ class BackupService:
         snapshot_id: str | None = None,
         metadata: dict[str, str] | None = None,
         availability_zone: str | None = None,
+        schedule_id: str | None = None,
     ) -> Backup:
         # Before any lookup, as Cinder: the rule is on the caller's own project, so a 403
         # here says nothing about the volume.
@@ -302,6 +303,7 @@ class BackupService:
                 display_description=description,
                 container=container,
                 availability_zone=availability_zone,
+                schedule_id=schedule_id,
                 size=vol.size,
                 object_count=0,
                 metadata_=dict(metadata or {}),

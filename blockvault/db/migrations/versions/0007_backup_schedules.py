@@ -44,6 +44,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("last_backups_made", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("last_backups_pruned", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("last_run_backup_ids", sa.JSON(), nullable=True),
         sa.Column("runs_total", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("failures_total", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("misses_total", sa.Integer(), nullable=False, server_default="0"),
