@@ -222,6 +222,10 @@ class NbdSource:
         self.bytes_read = 0
         self.bitmap_seen = False  # the export exposed ``bitmap`` when this backup began
         self._conn: _Conn | None = None
+        #: the allocation of one window of the export, ``(lo, hi, extents)``: an incremental
+        #: asks for each changed extent's allocation, and one request per window instead of
+        #: one per extent saves a round trip each (37 of them for a 1% rewrite of 2 GiB)
+        self._alloc: tuple[int, int, list[tuple[int, int]]] | None = None
         self._mu = threading.Lock()
 
     def _fail(self, doing: str, e: BaseException) -> SourceError:
@@ -257,10 +261,27 @@ class NbdSource:
         if not c.allocation:
             yield start, stop
             return
-        try:
-            yield from c.status(_BASE, start, stop, lambda f: not f & _STATE_ZERO)
-        except Exception as e:
-            raise self._fail(f"reading its allocation at {start}", e) from e
+        pos = start
+        while pos < stop:
+            lo, hi, window = self._allocation_window(c, pos)
+            for a, b in window:
+                a, b = max(a, pos), min(b, stop)
+                if a < b:
+                    yield a, b
+            pos = min(stop, hi)
+
+    def _allocation_window(self, c: _Conn, pos: int) -> tuple[int, int, list[tuple[int, int]]]:
+        """The cached allocation window holding ``pos``, fetched (one block status request
+        of up to ``_STATUS_SPAN``) when the cache does not hold it."""
+        w = self._alloc
+        if w is None or not w[0] <= pos < w[1]:
+            hi = min(c.size, pos + _STATUS_SPAN)
+            try:
+                w = (pos, hi, list(c.status(_BASE, pos, hi, lambda f: not f & _STATE_ZERO)))
+            except Exception as e:
+                raise self._fail(f"reading its allocation at {pos}", e) from e
+            self._alloc = w
+        return w
 
     def read_into(self, buf: AlignedBuffer, offset: int, length: int,
                   limit: int) -> memoryview:
