@@ -60,6 +60,10 @@ class Settings:
     #: addresses/CIDR networks of reverse proxies whose X-Forwarded-For/-Proto/-Host are
     #: believed; from anyone else those headers are ignored
     trusted_proxies: list[str] = field(default_factory=list)
+    #: serve ``GET /metrics`` (Prometheus) without a credential to every client, not only
+    #: to this machine's (loopback); remote clients otherwise need an admin's token
+    #: (docs/operations.md)
+    metrics_allow_remote: bool = False
     # Worker pool
     backup_workers: int = 2
     job_lease_seconds: int = 60

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from blockvault.api import backups as backup_routes
 from blockvault.api import health as health_routes
+from blockvault.api import metrics as metrics_routes
 from blockvault.api import openapi as openapi_routes
 from blockvault.api import schedules as schedule_routes
 from blockvault.api import volumes as volume_routes
@@ -27,6 +28,7 @@ from blockvault.api.versions import fmt, negotiate, v2_document, versions_docume
 from blockvault.config import Settings
 from blockvault.db import Database
 from blockvault.engine import Engine, EngineConfig
+from blockvault.metrics.registry import Metrics
 from blockvault.service import policy
 from blockvault.service.backups import BackupService
 from blockvault.service.context import RequestContext
@@ -81,7 +83,9 @@ class Services:
         self.db.upgrade()
         self.auth = make_authenticator(settings, self.db)
         self.policy = policy.configure(policy_path(settings))
-        self.backend = make_backend(settings)
+        #: GET /metrics: this service's registry (blockvault.metrics)
+        self.metrics = Metrics(self.db)
+        self.backend = make_backend(settings, observer=self.metrics.store)
         self.engine = make_engine(settings, self.backend)
         self.backends = Backends.from_config(
             settings.backends, data_dir=settings.data_dir, host_name=settings.host_name)
@@ -120,7 +124,9 @@ class Services:
             service_name=service_name,
             host=self.backends.host_name,
             gc_grace=settings.gc_grace,
+            metrics=self.metrics.jobs,
         )
+        self.metrics.state.job_kinds = tuple(tasks.handlers())
         self.runner = JobRunner(
             self.db,
             tasks.handlers(),
@@ -243,6 +249,7 @@ def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
         Route("/v3", v3_redirect),
         Route("/v2/", v2_root),
         *health_routes.routes(services),
+        *metrics_routes.routes(services),
         *openapi_routes.routes(settings),
         *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS
                     + schedule_routes.ENDPOINTS, services),

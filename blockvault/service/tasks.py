@@ -26,6 +26,7 @@ from blockvault.db.models import Backup, Job, Snapshot, Volume, utcnow
 from blockvault.db.session import Database
 from blockvault.engine import Engine
 from blockvault.engine.errors import Cancelled, EngineError, KeyMismatch, TargetError
+from blockvault.metrics.instruments import JobMetrics
 from blockvault.service.backups import (
     backup_record,
     parse_record_datetime,
@@ -129,8 +130,11 @@ class Tasks:
         service_name: str,
         host: str,
         gc_grace: float = 3600.0,
+        metrics: JobMetrics | None = None,
     ) -> None:
         self.db = db
+        #: counts what the handlers do (GET /metrics); an unregistered one by default
+        self.metrics = metrics or JobMetrics(None)
         self.engine = engine
         self.backends = as_backends(backends)
         self.driver = self.backends.raw.files
@@ -316,6 +320,7 @@ class Tasks:
             self._final(job, lambda s: self._release_source(s, job))
             return
         opened: BackupSource | None = None
+        started = time.monotonic()
         try:
             # Changed-region hints only for a backup of the live volume against its parent
             # (the backend's: tracked writes, a dirty bitmap).
@@ -346,6 +351,7 @@ class Tasks:
             opened.finish()  # still the disk that was managed? (SourceError if not)
         except Cancelled:
             log.info("backup %s (attempt %s) cancelled", job.backup_id, sid)
+            self.metrics.backup_ended("cancelled")
             self._final(job, lambda s: self._release_source(s, job))
             self._discard_unless_winner(container, job.backup_id, sid)
             self._owe_gc(container)  # packs it uploaded are garbage now
@@ -353,6 +359,7 @@ class Tasks:
         except Exception as exc:
             log.warning("backup %s failed: %s", job.backup_id, exc, exc_info=not isinstance(
                 exc, StoreError | EngineError | SourceError))
+            self.metrics.backup_ended("failed")
             self._failed(job, fail_reason(exc))
             self._discard_unless_winner(container, job.backup_id, sid)
             self._owe_gc(container)
@@ -377,6 +384,9 @@ class Tasks:
             return ok
 
         if self._final(job, won):
+            self.metrics.backup_succeeded(
+                time.monotonic() - started, result.logical_bytes, result.stored_bytes,
+                result.new_blocks, result.reused_blocks, result.zero_blocks)
             if whole_volume and opened is not None:
                 opened.committed(job.backup_id)
             return
@@ -422,6 +432,13 @@ class Tasks:
             self._final(job, lambda s: set_volume_status(
                 s, job.volume_id, ("restoring-backup",), status="error_restoring"))
             return
+        started, progress = time.monotonic(), self._progress(job)
+        written = [0]
+
+        def progress_and_size(done: int, total: int, phase: str) -> None:
+            written[0] = total  # the restore's size, for the metrics
+            progress(done, total, phase)
+
         try:
             # (raw: the target's bytes are about to change behind its change map)
             with self.backends.get(backend_name).open_restore(disk) as target:
@@ -431,7 +448,7 @@ class Tasks:
                         backup_id=sid,
                         target=target.target,
                         target_is_new=bool(job.params.get("target_is_new")),
-                        progress=self._progress(job),
+                        progress=progress_and_size,
                         cancelled=self._watch(job, "restoring"),
                     )
                 except (OSError, EngineError):
@@ -441,15 +458,18 @@ class Tasks:
         except Exception as exc:
             if not isinstance(exc, Cancelled):
                 log.warning("restore of backup %s failed: %s", job.backup_id, exc)
+            self.metrics.restore_ended("cancelled" if isinstance(exc, Cancelled) else "failed")
             self._failed(job, "restore cancelled" if isinstance(exc, Cancelled)
                          else fail_reason(exc))
             return
 
-        def restored(s: Session) -> None:
+        seconds = time.monotonic() - started
+
+        def restored(s: Session) -> bool:
             backup = s.get(Backup, job.backup_id)
             vol = s.get(Volume, job.volume_id)
             if backup is None or vol is None:
-                return
+                return False
             meta = backup.volume_meta or {}
             values: dict[str, Any] = {
                 "status": "available",
@@ -465,8 +485,10 @@ class Tasks:
             set_volume_status(s, vol.id, ("restoring-backup",), **values)
             set_backup_status(s, job.backup_id, ("restoring",), status="available",
                               fail_reason=None)
+            return True
 
-        self._final(job, restored)
+        if self._final(job, restored):
+            self.metrics.restore_succeeded(seconds, written[0])
 
     # -- delete -----------------------------------------------------------------------------
 
@@ -687,12 +709,14 @@ class Tasks:
                       "error": "the backup holds no data to verify"}
         else:
             report = self._verify_report(container, sid)
+        self.metrics.verified("backup", bool(report["ok"]))
         self._final(job, lambda s: s.execute(
             update(Job).where(Job.id == job.id).values(result=report)))
 
     def verify_container(self, job: Job) -> None:
         """Check every block every backup of a container references."""
         report = self._verify_report(job.params["container"], None)
+        self.metrics.verified("container", bool(report["ok"]))
         self._final(job, lambda s: s.execute(
             update(Job).where(Job.id == job.id).values(result=report)))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from blockvault.store.base import Backend
-from blockvault.store.retry import RetryingBackend
+from blockvault.store.retry import NO_OBSERVER, RetryingBackend, StoreObserver
 
 KINDS = ("local", "swift", "s3")
 
@@ -87,12 +87,14 @@ def make_inner_backend(settings: Any) -> Backend:
     )
 
 
-def make_backend(settings: Any) -> Backend:
-    """The configured backend, wrapped in the one retry layer."""
+def make_backend(settings: Any, observer: StoreObserver = NO_OBSERVER) -> Backend:
+    """The configured backend, wrapped in the one retry layer (which tells ``observer``
+    about every attempt: the service's metrics)."""
     return RetryingBackend(
         make_inner_backend(settings),
         attempts=int(_get(settings, "store_retry_attempts", DEFAULT_RETRY_ATTEMPTS)),
         budget=float(_get(settings, "store_retry_budget", DEFAULT_RETRY_BUDGET)),
+        observer=observer,
     )
 
 
