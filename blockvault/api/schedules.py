@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.responses import Response
 
+from blockvault.api import response_schemas as rs
 from blockvault.api import schemas
 from blockvault.api.faults import HTTPFault
 from blockvault.api.http import Call, Endpoint, accepted, json_response
@@ -46,6 +47,50 @@ FORGET = {"type": "object", "properties": {"forget": {
                    "dry_run": {"type": "boolean"}, **{k: _count for k in KEEP_FIELDS}},
     "additionalProperties": False}},
     "required": ["forget"], "additionalProperties": False}
+
+
+# -- response schemas (docs/openapi.json) ------------------------------------------------------
+
+_INT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
+SCHEDULE_SCHEMA = rs._obj({
+    "id": rs.UUID, "name": rs.STRING_OR_NULL, "description": rs.STRING_OR_NULL,
+    "volume_ids": {"type": ["array", "null"], "items": rs.UUID},
+    "volume_metadata_key": rs.STRING_OR_NULL, "cron": rs.STRING_OR_NULL,
+    "interval_seconds": _INT_OR_NULL, "timezone": {"type": "string"}, "full_every": rs.COUNT,
+    "container": rs.STRING_OR_NULL, **{k: _INT_OR_NULL for k in KEEP_FIELDS},
+    "enabled": {"type": "boolean"}, "next_run_at": rs.DATETIME,
+    "last_run_at": rs.DATETIME_OR_NULL, "last_success_at": rs.DATETIME_OR_NULL,
+    "last_outcome": {"enum": ["success", "partial", "failed", None],
+                     "description": "null before the first run and while a run's backups "
+                                    "are still being made"},
+    "last_error": rs.STRING_OR_NULL, "last_backups_made": rs.COUNT,
+    "last_backups_pruned": rs.COUNT, "last_run_backup_ids": {"type": "array", "items": rs.UUID},
+    "runs_total": rs.COUNT, "failures_total": rs.COUNT, "misses_total": rs.COUNT,
+    "created_at": rs.DATETIME, "updated_at": rs.DATETIME_OR_NULL,
+    "project_id": {**rs.STRING_OR_NULL, "x-admin-only": True},
+    "user_id": {**rs.STRING_OR_NULL, "x-admin-only": True},
+}, [k for k in ("id", "name", "description", "volume_ids", "volume_metadata_key", "cron",
+                "interval_seconds", "timezone", "full_every", "container", *KEEP_FIELDS,
+                "enabled", "next_run_at", "last_run_at", "last_success_at", "last_outcome",
+                "last_error", "last_backups_made", "last_backups_pruned",
+                "last_run_backup_ids", "runs_total", "failures_total", "misses_total",
+                "created_at", "updated_at")])
+ONE_SCHEDULE = rs._obj({"backup_schedule": SCHEDULE_SCHEMA}, ("backup_schedule",))
+SCHEDULE_LIST = rs._obj({"backup_schedules": {"type": "array", "items": SCHEDULE_SCHEMA}},
+                        ("backup_schedules",))
+_FORGET_ITEM = rs._obj({"id": rs.UUID, "volume_id": rs.UUID, "created_at": rs.DATETIME,
+                        "parent_id": rs.UUID_OR_NULL,
+                        "reasons": {"type": "array", "items": {"type": "string"}}},
+                       ("id", "volume_id", "created_at", "parent_id"))
+_IDS = {"type": "array", "items": rs.UUID}
+FORGET_RESULT = rs._obj({"forget": rs._obj({
+    "dry_run": {"type": "boolean"},
+    "policy": rs._obj({**{k: _INT_OR_NULL for k in KEEP_FIELDS}, "timezone": {"type": "string"}},
+                      (*KEEP_FIELDS, "timezone")),
+    "kept": {"type": "array", "items": _FORGET_ITEM},
+    "removed": {"type": "array", "items": _FORGET_ITEM},
+    "deleted": _IDS, "pending": _IDS, "refused": _IDS,
+}, ("dry_run", "policy", "kept", "removed"))}, ("forget",))
 
 
 def view(schedule: Schedule, call: Call) -> dict[str, Any]:
@@ -88,6 +133,7 @@ def _v3(call: Call) -> None:
 
 
 def list_(call: Call) -> Response:
+    """List the project's backup schedules (admins: all_tenants=1 for every project)."""
     _v3(call)
     all_tenants = False
     if "all_tenants" in call.query and call.ctx.is_admin:
@@ -100,12 +146,14 @@ def list_(call: Call) -> Response:
 
 
 def show(call: Call) -> Response:
+    """Show a backup schedule, with its last run and next run."""
     _v3(call)
     found = call.services.schedules.get(call.ctx, call.path["schedule_id"])
     return json_response({"backup_schedule": view(found, call)})
 
 
 def create(call: Call) -> Response:
+    """Create a backup schedule (200 with the schedule: nothing is queued)."""
     _v3(call)
     schemas.validate(CREATE, call.body)
     made = call.services.schedules.create(call.ctx, _values(call.body["backup_schedule"]))
@@ -114,6 +162,7 @@ def create(call: Call) -> Response:
 
 
 def update(call: Call) -> Response:
+    """Update a backup schedule; a new timing moves its next run."""
     _v3(call)
     schemas.validate(UPDATE, call.body)
     changed = call.services.schedules.update(call.ctx, call.path["schedule_id"],
@@ -123,12 +172,14 @@ def update(call: Call) -> Response:
 
 
 def delete(call: Call) -> Response:
+    """Delete a backup schedule; the backups it made stay."""
     _v3(call)
     call.services.schedules.delete(call.ctx, call.path["schedule_id"])
     return accepted()
 
 
 def forget(call: Call) -> Response:
+    """Preview (dry_run) or apply a keep-policy to a schedule's or a volume's backups."""
     _v3(call)
     schemas.validate(FORGET, call.body)
     f = call.body["forget"]
