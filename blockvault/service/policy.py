@@ -216,6 +216,14 @@ API_RULES = [
           ("GET", "/manageable_volumes"), ("GET", "/manageable_volumes/detail")),
     _rule("scheduler_extension:scheduler_stats:get_pools", ADMIN_API,
           "List all backend pools.", ("GET", "/scheduler-stats/get_pools")),
+    # the web dashboard (blockvault extension, blockvault.dashboard): read-only pages
+    _rule("blockvault:dashboard:view", READER,
+          "View a project's dashboard: backups, running jobs, schedules, storage, verify "
+          "results (blockvault extension).",
+          ("GET", "/dashboard"), ("GET", "/dashboard/api/jobs")),
+    _rule("blockvault:dashboard:all_projects", ADMIN_API,
+          "View the dashboard of every project at once (blockvault extension).",
+          ("GET", "/dashboard?project=*"), ("GET", "/dashboard/api/jobs?project=*")),
 ]
 
 RULE_NAMES = frozenset(r.name for r in API_RULES)
