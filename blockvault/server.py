@@ -26,6 +26,7 @@ from blockvault.api.faults import HTTPFault, fault_response
 from blockvault.api.http import make_routes, public_base
 from blockvault.api.versions import fmt, negotiate, v2_document, versions_document
 from blockvault.config import Settings
+from blockvault.dashboard import routes as dashboard_routes
 from blockvault.db import Database
 from blockvault.engine import Engine, EngineConfig
 from blockvault.metrics.registry import Metrics
@@ -251,6 +252,7 @@ def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
         *health_routes.routes(services),
         *metrics_routes.routes(services),
         *openapi_routes.routes(settings),
+        *dashboard_routes(services),
         *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS
                     + schedule_routes.ENDPOINTS, services),
     ]

@@ -1,0 +1,344 @@
+"""The web dashboard in a real browser: Debian's headless Chromium driven by Playwright
+against a live server, with backups made through the API.
+
+What a person would check: signing in (and being sent to sign in without a credential),
+the project's backups listed with their statuses and nobody else's, a progress bar that
+moves while a backup really runs, charts drawn from real data, an admin's view across
+projects, and an API key that stops working on the dashboard the moment it is revoked.
+Screenshots go to ``$BLOCKVAULT_ARTIFACTS`` (default ``tests/artifacts/``).
+
+Chromium must be there: without it this module fails rather than skips (``.ci/run``
+installs Debian's ``chromium``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.server import Server
+
+MiB = 1024 * 1024
+CHROMIUM = os.environ.get("BLOCKVAULT_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("BLOCKVAULT_ARTIFACTS")
+                 or Path(__file__).parent / "artifacts")
+#: the stored-bytes chart's line colour (dashboard.js): its pixels prove a series was drawn
+STORED_RGB = (0x25, 0x63, 0xEB)
+
+
+def _text(n: int, seed: int) -> bytes:
+    """Compressible, non-repeating data: slow to compress at zstd level 19, so a backup of
+    some tens of MiB takes long enough to watch (~1.5 s per 8 MiB on one engine thread)."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(3).hex().encode() for _ in range(4096)]
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choices(words, k=4096)) + b"\n"
+    return bytes(out[:n])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), (
+        f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    """One job at a time, one engine thread, zstd 19: a backup of tens of MiB runs for
+    seconds, long enough for the page to poll it several times."""
+    srv = Server(tmp_path_factory.mktemp("bv-dash"), {
+        "BLOCKVAULT_BACKUP_WORKERS": "1", "BLOCKVAULT_ENGINE_WORKERS": "1",
+        "BLOCKVAULT_ZSTD_LEVEL": "19",
+    }).start()
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log()
+
+
+@pytest.fixture(scope="module")
+def world(server):
+    """Two projects with backups made through the API, and one verification."""
+    alice = server.client("alice", "dash-" + uuid.uuid4().hex[:8])
+    bob = server.client("bob", "dash-" + uuid.uuid4().hex[:8])
+    web = alice.create_volume(1, name="web")
+    db = alice.create_volume(1, name="db")
+    alice.write(web, 0, os.urandom(4 * MiB))
+    alice.write(db, 0, os.urandom(2 * MiB))
+    backups = {
+        "web-full": alice.create_backup(web, name="web-full"),
+        "db-full": alice.create_backup(db, name="db-full"),
+    }
+    alice.write(web, 8 * MiB, os.urandom(MiB))
+    backups["web-incr"] = alice.create_backup(web, name="web-incr", incremental=True)
+    r = alice.post(f"/backups/{backups['web-full']}/verify")
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 60
+    while (alice.get(f"/backups/{backups['web-full']}/verify").json()
+           .get("verification", {}).get("state") not in ("ok", "failed")):
+        assert time.monotonic() < deadline, "verify never finished"
+        time.sleep(0.1)
+    vol = bob.create_volume(1, name="bob-vol")
+    bob.write(vol, 0, os.urandom(MiB))
+    bob_backup = bob.create_backup(vol, name="bob-secret-backup")
+    return {"alice": alice, "bob": bob, "backups": backups, "bob_backup": bob_backup,
+            "web": web}
+
+
+def login(browser: Browser, server: Server, token: str) -> Page:
+    """A fresh browser (no cookies) signed in through the form, on the dashboard."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(server.url + "/dashboard")
+    assert page.url == server.url + "/dashboard/login"
+    page.fill("#token", token)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_url(server.url + "/dashboard")
+    return page
+
+
+def shot(page: Page, name: str) -> Path:
+    path = ARTIFACTS / f"dashboard-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def token_of(api) -> str:
+    return api.http.headers["X-Auth-Token"]
+
+
+def listed_backups(page: Page) -> dict[str, str]:
+    """Backup name -> status, as the page shows them."""
+    rows = page.locator("#backups tbody tr")
+    return {rows.nth(i).locator("td.name").inner_text():
+            rows.nth(i).locator(".status").inner_text() for i in range(rows.count())}
+
+
+def coloured_pixels(page: Page, selector: str, rgb: tuple[int, int, int]) -> int:
+    """Pixels of ``rgb`` (±24 per channel) on the chart's canvas: the series really drawn,
+    not just axes."""
+    return page.evaluate(
+        """([sel, rgb]) => {
+            const c = document.querySelector(sel + ' canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0;
+            for (let i = 0; i < d.length; i += 4) {
+              if (d[i + 3] > 200 && Math.abs(d[i] - rgb[0]) < 24 &&
+                  Math.abs(d[i + 1] - rgb[1]) < 24 && Math.abs(d[i + 2] - rgb[2]) < 24) n++;
+            }
+            return n;
+        }""", [selector, list(rgb)])
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_without_a_credential_the_dashboard_sends_to_sign_in(browser, server):
+    page = browser.new_context().new_page()
+    page.goto(server.url + "/dashboard")
+    assert page.url == server.url + "/dashboard/login"
+    assert page.locator("#login-form input#token[type=password]").count() == 1
+    # a credential the API refuses is refused here, in the API's words, and sets nothing
+    page.fill("#token", ":nobody")
+    page.click("#login-form button[type=submit]")
+    assert page.locator("#login-error").inner_text() == \
+        "The request you have made requires authentication."
+    assert page.context.cookies() == []
+    # the JSON the page polls answers 401 as the API would
+    r = httpx.get(server.url + "/dashboard/api/jobs")
+    assert r.status_code == 401
+    assert r.json() == {"unauthorized": {
+        "code": 401, "message": "The request you have made requires authentication."}}
+    page.context.close()
+
+
+def test_lists_the_projects_backups_and_draws_the_charts(browser, server, world):
+    alice = world["alice"]
+    page = login(browser, server, token_of(alice))
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.reload()  # with the console listened to from the start (CSP violations show there)
+
+    # the cookie: HttpOnly, SameSite=Strict, for the dashboard only
+    (cookie,) = page.context.cookies()
+    assert (cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == \
+        (True, "Strict", "/dashboard")
+
+    assert page.locator("#scope").inner_text() == f"Project {alice.project}"
+    assert listed_backups(page) == {"web-full": "available", "db-full": "available",
+                                    "web-incr": "available"}
+    incr = page.locator(f'#backups tr[data-backup-id="{world["backups"]["web-incr"]}"]')
+    assert "incremental" in incr.inner_text()
+    # another project's backup is nowhere on the page
+    html = page.content()
+    assert "bob-secret-backup" not in html and world["bob_backup"] not in html
+
+    # storage: what the API says the backups stored, summed; logical = three 1 GiB volumes
+    details = alice.get("/backups/detail").json()["backups"]
+    assert page.locator("#stat-backups").inner_text() == "3"
+    stored = int(re.search(r"\d+", page.locator("#stat-stored").get_attribute("title"))[0])
+    with server_db(server) as conn:
+        expected = conn.execute("SELECT SUM(stored_bytes) FROM backups WHERE project_id = ? "
+                                "AND NOT deleted", (alice.project,)).fetchone()[0]
+    assert stored == expected > 0
+    assert len(details) == 3
+    assert page.locator("#stat-logical").inner_text() == "3.0 GiB"
+    assert page.locator("#stat-ratio").inner_text() == f"{3 * 1024**3 / stored:.1f}×"
+
+    # the charts: drawn by uPlot on a canvas, with one point per backup (and per create job)
+    page.wait_for_selector("#chart-stored canvas")
+    assert page.get_attribute("#chart-stored", "data-points") == "3"
+    assert page.get_attribute("#chart-durations", "data-points") == "3"
+    assert coloured_pixels(page, "#chart-stored", STORED_RGB) > 200
+
+    # the verification made through the API, as the API reports it
+    web_full = world["backups"]["web-full"]
+    report = alice.get(f"/backups/{web_full}/verify").json()["verification"]
+    verify = page.locator(f'#verifies tr[data-backup-id="{web_full}"]')
+    assert verify.locator(".status").inner_text() == "ok"
+    assert [verify.locator("td.num").nth(i).inner_text() for i in range(3)] == \
+        [str(report["checked_blocks"]), "0", "0"]
+    assert report["checked_blocks"] > 0
+
+    shot(page, "backups")
+    assert not [m for m in console if "Content Security Policy" in m or "error" in m], console
+    page.context.close()
+
+
+def test_a_progress_bar_moves_while_a_backup_runs(browser, server, world):
+    alice, bob = world["alice"], world["bob"]
+    vol = alice.create_volume(1, name="big")
+    # 48 MiB of slow data spread over the whole GiB: the bar moves all the way, not only
+    # through the first few per cent
+    data = _text(48 * MiB, 7)
+    for i in range(12):
+        alice.write(vol, i * 85 * MiB, data[i * 4 * MiB:(i + 1) * 4 * MiB])
+    page = login(browser, server, token_of(alice))
+    bob_page = login(browser, server, token_of(bob))
+    assert page.locator("#jobs tbody tr").count() == 0
+    assert page.locator("#jobs-none").is_visible()
+
+    backup = alice.create_backup(vol, wait=False, name="big-backup")
+    # the page's poll finds the job and adds its row with a bar
+    bar = page.locator("#jobs tbody tr progress")
+    bar.wait_for(timeout=15000)
+    row = page.locator("#jobs tbody tr")
+    assert row.locator("td.name").inner_text() == "big-backup"
+    assert row.locator("td.kind").inner_text() == "create"
+    first = _wait_value(page, lambda v: v > 0)
+    second = _wait_value(page, lambda v: v > first)
+    shot(page, "running")
+    assert 0 < first < second <= 1024**3
+    assert bar.get_attribute("max") == str(1024**3)
+
+    # bob's dashboard shows no job of alice's, while it runs
+    assert bob_page.evaluate("fetch('/dashboard/api/jobs').then(r => r.json())") == {"jobs": []}
+    assert alice.get(f"/backups/{backup}").json()["backup"]["status"] == "creating"
+
+    # when it ends, the page renders again: no running row, the backup listed available
+    alice.wait("backup", backup, {"available", "error"})
+    # (expect polls through locators: the page's CSP forbids the eval wait_for_function uses)
+    expect(page.locator(f'#backups tr[data-backup-id="{backup}"] .status')).to_have_text(
+        "available", timeout=20000)
+    assert page.locator("#jobs tbody tr").count() == 0
+    page.context.close()
+    bob_page.context.close()
+
+
+def _wait_value(page: Page, good, timeout: float = 30) -> float:
+    """The bar's value, read by the page's own polling, once ``good(value)``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = float(page.locator("#jobs tbody tr progress").get_attribute("value") or 0)
+        if good(value):
+            return value
+        assert time.monotonic() < deadline, f"the progress bar stayed at {value}"
+        time.sleep(0.2)
+
+
+def test_projects_are_kept_apart_and_an_admin_sees_across(browser, server, world):
+    alice, bob = world["alice"], world["bob"]
+    page = login(browser, server, token_of(bob))
+    assert listed_backups(page) == {"bob-secret-backup": "available"}
+    assert page.locator("#project").count() == 0  # no project picker for a member
+    # another project by the query parameter: refused, nothing of it shown
+    page.goto(server.url + f"/dashboard?project={alice.project}")
+    assert page.locator("#error-message").inner_text() == \
+        "Your credential is valid, but it may not view this dashboard."
+    assert "web-full" not in page.content()
+    poll = f"fetch('/dashboard/api/jobs?project={alice.project}').then(r => r.status)"
+    assert page.evaluate(poll) == 403
+    page.goto(server.url + "/dashboard?project=*")
+    assert page.locator("#error-message").count() == 1
+    page.context.close()
+
+    admin = login(browser, server, "admin:admin")
+    admin.select_option("#project", "*")
+    admin.click(".picker button")
+    admin.wait_for_url(re.compile(r".*/dashboard\?project=.*"))
+    assert admin.locator("#scope").inner_text() == "All projects"
+    shown = listed_backups(admin)
+    assert {"web-full", "db-full", "web-incr", "bob-secret-backup"} <= set(shown)
+    admin.select_option("#project", bob.project)
+    admin.click(".picker button")
+    admin.wait_for_url(re.compile(rf".*project={bob.project}$"))
+    assert listed_backups(admin) == {"bob-secret-backup": "available"}
+    shot(admin, "admin")
+    # signing out forgets the credential: the dashboard asks again
+    admin.click("#logout")
+    admin.wait_for_url(server.url + "/dashboard/login")
+    assert admin.context.cookies() == []
+    admin.goto(server.url + "/dashboard")
+    assert admin.url == server.url + "/dashboard/login"
+    admin.context.close()
+
+
+def test_a_revoked_api_key_is_signed_out_at_once(browser, tmp_path):
+    srv = Server(tmp_path / "bv", {"BLOCKVAULT_AUTH_STRATEGY": "apikey"}).start()
+    try:
+        key = _apikey(srv, "create", "--project", "keyproj", "--user", "carol",
+                      "--role", "reader")
+        page = login(browser, srv, key)
+        assert page.locator("#scope").inner_text() == "Project keyproj"
+        assert key.split("_", 2)[2] not in page.content()  # the secret is never rendered
+        _apikey(srv, "revoke", key.split("_")[1])
+        # the page's next poll is refused: it goes to sign in, and the stale cookie goes
+        page.wait_for_url(srv.url + "/dashboard/login", timeout=10000)
+        page.goto(srv.url + "/dashboard")
+        assert page.url == srv.url + "/dashboard/login"
+        assert page.context.cookies() == []
+        page.context.close()
+    finally:
+        srv.stop()
+    assert key.split("_", 2)[2] not in srv.log()
+
+
+def _apikey(server: Server, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "blockvault.cli", "apikey", args[0], "--data-dir",
+         str(server.data_dir), *args[1:]],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BLOCKVAULT_")})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def server_db(server: Server) -> closing[sqlite3.Connection]:
+    return closing(sqlite3.connect(server.data_dir / "blockvault.sqlite"))
