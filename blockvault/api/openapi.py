@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from blockvault import __version__ as _package_version
-from blockvault.api import backups, schemas, volumes
+from blockvault.api import backups, schedules, schemas, volumes
 from blockvault.api import response_schemas as rs
 from blockvault.api.http import Endpoint, make_routes
 from blockvault.api.versions import MAX_VERSION, MIN_VERSION, fmt
@@ -41,7 +41,7 @@ from blockvault.service.volumes import SNAPSHOT_LIST, VOLUME_LIST
 Schema = dict[str, Any]
 
 #: the Endpoints the server mounts (server.create_app mounts exactly this list)
-ENDPOINTS: list[Endpoint] = backups.ENDPOINTS + volumes.ENDPOINTS
+ENDPOINTS: list[Endpoint] = backups.ENDPOINTS + volumes.ENDPOINTS + schedules.ENDPOINTS
 SECURITY_SCHEME = "authToken"
 JSON = "application/json"
 OCTETS = "application/octet-stream"
@@ -87,6 +87,9 @@ REQUEST_BODIES: dict[Callable, Callable[[], BodySchema]] = {
     backups.action: lambda: {"allOf": [schemas.single_action,
                                        {"anyOf": [schemas.reset_status, _force_delete]}]},
     backups.start_container_verify: lambda: schemas.container_verification,
+    schedules.create: lambda: schedules.CREATE,
+    schedules.update: lambda: schedules.UPDATE,
+    schedules.forget: lambda: schedules.FORGET,
     volumes.create_volume: lambda: volumes._volume_create,
     volumes.update_volume: lambda: volumes._volume_update,
     volumes.volume_action: _volume_action_body,
@@ -189,6 +192,7 @@ QUERY_PARAMS: dict[Callable, list[Schema]] = {
     volumes.list_snapshots: _list_params(SNAPSHOT_LIST),
     volumes.list_snapshots_detail: _list_params(SNAPSHOT_LIST),
     volumes.delete_volume: [_query("cascade", _IS_TRUE, "also delete its snapshots")],
+    schedules.list_: [_query("all_tenants", _BOOL_STRING, "admin only; ignored for others")],
     volumes.show_quotas: [_query("usage", _IS_TRUE, "limits with usage")],
     volumes.resource_filters: [_query("resource", {"type": "string"})],
     volumes.list_manageable: _MANAGEABLE_QUERY,
@@ -249,6 +253,13 @@ SUCCESS: dict[Callable, dict[str, Schema]] = {
         "202": _json("the container check, queued", rs.CONTAINER_VERIFICATION)},
     backups.show_container_verify: {
         "200": _json("the container check", rs.CONTAINER_VERIFICATION)},
+    schedules.list_: {"200": _json("backup schedules", schedules.SCHEDULE_LIST)},
+    schedules.show: {"200": _json("the backup schedule", schedules.ONE_SCHEDULE)},
+    schedules.create: {"200": _json("the new backup schedule", schedules.ONE_SCHEDULE)},
+    schedules.update: {"200": _json("the updated backup schedule", schedules.ONE_SCHEDULE)},
+    schedules.delete: {"202": _empty("schedule deleted; its backups stay")},
+    schedules.forget: {"200": _json("kept and removed backups (and, applied, what was "
+                                    "deleted)", schedules.FORGET_RESULT)},
     volumes.list_volumes: {"200": _json("volumes (summary view)", rs.VOLUME_LIST)},
     volumes.list_volumes_detail: {"200": _json("volumes (detail view)", rs.VOLUME_DETAIL_LIST)},
     volumes.create_volume: {"202": _json("the new volume", rs.ONE_VOLUME)},
@@ -402,6 +413,8 @@ def _operation(ep: Endpoint, path: str, project_regex: str, comp: _Components) -
         op["x-min-microversion"] = fmt(ep.min_version)
         if api == "v2":
             op["description"] = "v2 is 3.0, below this route's minimum version: always 404"
+    if api == "v2" and handler.__module__ == schedules.__name__:
+        op["description"] = "a v3 extension (docs/schedules.md): under v2 always 404"
     if ep.body == "json":
         body = comp.schema(f"{_camel(module)}{_camel(handler.__name__)}Request",
                            _body_schema(REQUEST_BODIES[handler]()))
