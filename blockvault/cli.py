@@ -418,6 +418,110 @@ def backup_delete(client: Client, backup_id: str) -> None:
     client.call("DELETE", f"/backups/{backup_id}")
 
 
+_KEEPS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def keep_options(f: Any) -> Any:
+    """--keep-last … --keep-yearly, as restic's forget names them."""
+    for name in reversed(_KEEPS):
+        f = click.option(f"--keep-{name}", f"keep_{name}", type=int, default=None,
+                         help=f"Keep the newest backup of this many {name} buckets"
+                              if name != "last" else "Keep this many newest backups.")(f)
+    return f
+
+
+@backup.command("forget")
+@click.option("--volume", "volume_id", default=None, help="Every available backup of a volume.")
+@click.option("--schedule", "schedule_id", default=None,
+              help="The backups a schedule made (its own keep-policy unless --keep-* given).")
+@keep_options
+@click.option("--timezone", default=None, help="Zone of the calendar buckets (default UTC).")
+@click.option("--dry-run", is_flag=True, help="Only show what would be kept and removed.")
+@pass_client
+def backup_forget(client: Client, volume_id: str | None, schedule_id: str | None,
+                  timezone: str | None, dry_run: bool, **keeps: int | None) -> None:
+    """Apply a keep-policy (restic's forget rules): list kept backups with the reasons,
+    and the removed ones; without --dry-run, delete them (children before parents)."""
+    body: dict[str, Any] = {"dry_run": dry_run, **{k: v for k, v in keeps.items() if v is not None}}
+    if volume_id:
+        body["volume_id"] = volume_id
+    if schedule_id:
+        body["schedule_id"] = schedule_id
+    if timezone:
+        body["timezone"] = timezone
+    result = client.call("POST", "/os-backup-forget", json={"forget": body})["forget"]
+    for item in result["kept"]:
+        click.echo(f"keep    {item['id']}  {item['created_at'][:19]}  "
+                   f"{', '.join(item['reasons'])}")
+    for item in result["removed"]:
+        click.echo(f"remove  {item['id']}  {item['created_at'][:19]}")
+    if not dry_run:
+        click.echo(f"{len(result['deleted'])} deleted, {len(result['pending'])} pending, "
+                   f"{len(result['refused'])} refused", err=True)
+
+
+@main.group()
+@credential_options
+@click.pass_context
+def schedule(ctx: click.Context, url: str | None, token: str | None, cloud: str | None) -> None:
+    """Backup schedules with retention (docs/schedules.md)."""
+    ctx.obj = Credentials(url, token, cloud)
+
+
+@schedule.command("create")
+@click.option("--volume", "volume_ids", multiple=True, help="A volume (repeat for several).")
+@click.option("--metadata-key", default=None,
+              help="Every volume carrying this metadata key (KEY or KEY=VALUE).")
+@click.option("--cron", default=None, help="When, as a cron expression ('30 2 * * *').")
+@click.option("--interval", type=int, default=None, help="Or every this many seconds (>= 60).")
+@click.option("--timezone", default=None, help="Zone of the cron and of retention (UTC).")
+@click.option("--full-every", type=int, default=None,
+              help="A full backup every N (0: first full, then incremental; 1: always full).")
+@click.option("--container", default=None)
+@click.option("--name", default=None)
+@click.option("--description", default=None)
+@keep_options
+@pass_client
+def schedule_create(client: Client, volume_ids: tuple[str, ...], metadata_key: str | None,
+                    cron: str | None, interval: int | None, timezone: str | None,
+                    full_every: int | None, container: str | None, name: str | None,
+                    description: str | None, **keeps: int | None) -> None:
+    body: dict[str, Any] = {
+        "volume_ids": list(volume_ids) or None, "volume_metadata_key": metadata_key,
+        "cron": cron, "interval_seconds": interval, "timezone": timezone,
+        "full_every": full_every, "container": container, "name": name,
+        "description": description, **keeps,
+    }
+    body = {k: v for k, v in body.items() if v is not None}
+    made = client.call("POST", "/os-backup-schedules", json={"backup_schedule": body})
+    click.echo(made["backup_schedule"]["id"])
+
+
+@schedule.command("list")
+@pass_client
+def schedule_list(client: Client) -> None:
+    for s in client.call("GET", "/os-backup-schedules")["backup_schedules"]:
+        when = s["cron"] or f"every {s['interval_seconds']}s"
+        click.echo(f"{s['id']}  {s['name'] or '':<16} {when:<16} next {s['next_run_at'][:19]}"
+                   f"  last {s['last_outcome'] or '-'}")
+
+
+@schedule.command("show")
+@click.argument("schedule_id")
+@pass_client
+def schedule_show(client: Client, schedule_id: str) -> None:
+    click.echo(json.dumps(
+        client.call("GET", f"/os-backup-schedules/{schedule_id}")["backup_schedule"], indent=2))
+
+
+@schedule.command("delete")
+@click.argument("schedule_id")
+@pass_client
+def schedule_delete(client: Client, schedule_id: str) -> None:
+    """Stop a schedule; the backups it made stay."""
+    client.call("DELETE", f"/os-backup-schedules/{schedule_id}")
+
+
 @main.command("verify-container")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="The server's TOML configuration (for the store and the key).")
