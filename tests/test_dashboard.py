@@ -13,6 +13,7 @@ installs Debian's ``chromium``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -96,11 +97,20 @@ def world(server):
            .get("verification", {}).get("state") not in ("ok", "failed")):
         assert time.monotonic() < deadline, "verify never finished"
         time.sleep(0.1)
+    schedule = _schedule(alice, name="nightly-web", volume_ids=[web], cron="30 2 * * *",
+                         timezone="Europe/Berlin", keep_daily=7)
     vol = bob.create_volume(1, name="bob-vol")
     bob.write(vol, 0, os.urandom(MiB))
     bob_backup = bob.create_backup(vol, name="bob-secret-backup")
+    _schedule(bob, name="bob-secret-schedule", volume_ids=[vol], interval_seconds=3600)
     return {"alice": alice, "bob": bob, "backups": backups, "bob_backup": bob_backup,
-            "web": web}
+            "web": web, "schedule": schedule}
+
+
+def _schedule(api, **fields) -> dict:
+    r = api.post("/os-backup-schedules", {"backup_schedule": fields})
+    assert r.status_code == 200, r.text
+    return r.json()["backup_schedule"]
 
 
 def login(browser: Browser, server: Server, token: str) -> Page:
@@ -169,6 +179,42 @@ def test_without_a_credential_the_dashboard_sends_to_sign_in(browser, server):
     page.context.close()
 
 
+def test_sign_in_refuses_other_sites_and_pages_carry_their_protections(server):
+    # a login form posted from another site's page: refused, no cookie set
+    r = httpx.post(server.url + "/dashboard/login", data={"token": "alice:p1"},
+                   headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    assert "Cross-site login refused." in r.text
+    # the same form from the dashboard's own page: signed in
+    r = httpx.post(server.url + "/dashboard/login", data={"token": "alice:p1"},
+                   headers={"Origin": server.url})
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard"
+    set_cookie = r.headers["set-cookie"]
+    assert set_cookie.startswith("blockvault_dashboard=alice:p1;")
+    assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie
+    assert "Path=/dashboard" in set_cookie and "Secure" not in set_cookie  # plain http here
+    # not a form: 415, as the API answers a body it does not read
+    r = httpx.post(server.url + "/dashboard/login", content=b'{"token": "alice:p1"}',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 415 and "set-cookie" not in r.headers
+
+    page = httpx.get(server.url + "/dashboard", cookies={"blockvault_dashboard": "alice:p1"})
+    assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["cache-control"] == "no-store"
+    assert "alice:p1" not in page.text  # the credential is never rendered
+    # the chart library is served from the package itself, byte for byte (no CDN)
+    vendored = Path(__file__).parents[1] / "blockvault/dashboard/static/vendor/uplot"
+    for name in ("uPlot.iife.min.js", "uPlot.min.css"):
+        assert f"/dashboard/static/vendor/uplot/{name}" in page.text
+        served = httpx.get(server.url + f"/dashboard/static/vendor/uplot/{name}")
+        assert served.status_code == 200
+        assert hashlib.sha256(served.content).digest() == \
+            hashlib.sha256((vendored / name).read_bytes()).digest()
+    assert "https://" not in page.text and "http://" not in page.text
+
+
 def test_lists_the_projects_backups_and_draws_the_charts(browser, server, world):
     alice = world["alice"]
     page = login(browser, server, token_of(alice))
@@ -216,6 +262,16 @@ def test_lists_the_projects_backups_and_draws_the_charts(browser, server, world)
     assert [verify.locator("td.num").nth(i).inner_text() for i in range(3)] == \
         [str(report["checked_blocks"]), "0", "0"]
     assert report["checked_blocks"] > 0
+
+    # the schedule made through the API: when, and its next run as the API says it
+    sched = world["schedule"]
+    row = page.locator(f'#schedules tr[data-schedule-id="{sched["id"]}"]')
+    assert row.locator("td.name").inner_text() == "nightly-web"
+    assert row.locator("td").nth(1).inner_text() == "30 2 * * * Europe/Berlin"
+    assert row.locator("td").nth(4).inner_text() == \
+        sched["next_run_at"][:16].replace("T", " ") + " UTC"
+    assert page.locator("#schedules tbody tr").count() == 1
+    assert "bob-secret-schedule" not in html
 
     shot(page, "backups")
     assert not [m for m in console if "Content Security Policy" in m or "error" in m], console
@@ -296,6 +352,8 @@ def test_projects_are_kept_apart_and_an_admin_sees_across(browser, server, world
     assert admin.locator("#scope").inner_text() == "All projects"
     shown = listed_backups(admin)
     assert {"web-full", "db-full", "web-incr", "bob-secret-backup"} <= set(shown)
+    schedules = admin.locator("#schedules td.name").all_inner_texts()
+    assert {"nightly-web", "bob-secret-schedule"} <= set(schedules)
     admin.select_option("#project", bob.project)
     admin.click(".picker button")
     admin.wait_for_url(re.compile(rf".*project={bob.project}$"))
