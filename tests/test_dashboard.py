@@ -13,6 +13,7 @@ installs Debian's ``chromium``).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import random
@@ -30,6 +31,12 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from blockvault.db import Database
+from blockvault.db.models import Backup, Job, Schedule, utcnow
+from blockvault.service import overview
+from blockvault.service.context import RequestContext
+from blockvault.service.errors import Forbidden
+from tests.pg import pg_database
 from tests.server import Server
 
 MiB = 1024 * 1024
@@ -400,3 +407,109 @@ def _apikey(server: Server, *args: str) -> str:
 
 def server_db(server: Server) -> closing[sqlite3.Connection]:
     return closing(sqlite3.connect(server.data_dir / "blockvault.sqlite"))
+
+
+# -- the queries behind the page, on SQLite and PostgreSQL -----------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        db = Database(f"sqlite:///{tmp_path / 'bv.sqlite'}")
+        db.upgrade()
+        yield db
+        db.dispose()
+        return
+    with pg_database() as url:
+        db = Database(url)
+        db.upgrade()
+        yield db
+        db.dispose()
+
+
+def _history(db: Database) -> dict:
+    """p1: 600 backups, one a day (every third one deleted a day later), create jobs, a
+    verification, a schedule; p2: two backups, a running restore, a schedule."""
+    now = utcnow().replace(microsecond=0)
+    live = stored = 0
+    with db.session() as s:
+        for i in range(600):
+            made = now - dt.timedelta(days=600 - i)
+            deleted = i % 3 == 0
+            s.add(Backup(id=f"b1-{i:04d}", user_id="u", project_id="p1", volume_id="v1",
+                         status="deleted" if deleted else "available", size=2,
+                         stored_bytes=1000 + i, created_at=made, deleted=deleted,
+                         deleted_at=made + dt.timedelta(days=1) if deleted else None,
+                         display_name=f"p1-backup-{i}"))
+            if not deleted:
+                live += 1
+                stored += 1000 + i
+        for i in range(3):
+            s.add(Job(kind="create", backup_id=f"b1-{599 - i:04d}", project_id="p1",
+                      state="done", started_at=now - dt.timedelta(hours=i, seconds=30),
+                      finished_at=now - dt.timedelta(hours=i)))
+        s.add(Job(kind="verify", backup_id="b1-0599", project_id="p1", state="done",
+                  finished_at=now, result={"ok": False, "checked_blocks": 9,
+                                           "missing": ["a", "b"], "corrupt": ["c"],
+                                           "error": None}))
+        for i in range(2):
+            s.add(Backup(id=f"b2-{i}", user_id="u", project_id="p2", volume_id="v2",
+                         status="available", size=1, stored_bytes=500,
+                         created_at=now - dt.timedelta(minutes=10 - i)))
+        s.add(Job(kind="restore", backup_id="b2-0", project_id="p2", state="running",
+                  bytes_done=300, bytes_total=1000, phase="restore", started_at=now))
+        for project in ("p1", "p2"):
+            s.add(Schedule(project_id=project, user_id="u", name=f"{project}-nightly",
+                           volume_ids=["v"], cron="0 3 * * *", next_run_at=now,
+                           last_outcome="partial", runs_total=4, failures_total=1))
+    return {"live": live, "stored": stored}
+
+
+def test_overview_is_scoped_and_summed_in_the_database(database):
+    facts = _history(database)
+    member = RequestContext.from_identity("u", "p1", ["reader"])
+    admin = RequestContext.from_identity("admin", "admin", ["admin"])
+
+    # a reader sees its own project; another project, or all, is refused
+    assert overview.resolve_scope(member, None) == overview.Scope("p1")
+    for other in ("p2", "*"):
+        with pytest.raises(Forbidden):
+            overview.resolve_scope(member, other)
+    assert overview.resolve_scope(admin, "p2") == overview.Scope("p2")
+    assert overview.resolve_scope(admin, "*") == overview.Scope(None)
+
+    o = overview.overview(database, member, overview.Scope("p1"))
+    assert o.backups_total == facts["live"] == 400
+    assert len(o.backups) == overview.MAX_BACKUPS
+    assert {b.project_id for b in o.backups} == {"p1"}
+    assert o.backups[0].name == "p1-backup-599"  # newest first
+    assert (o.storage.backups, o.storage.stored_bytes, o.storage.logical_bytes) == \
+        (400, facts["stored"], 400 * 2 * 1024**3)
+    assert o.jobs == [] and o.projects == []
+    assert [r.name for r in o.schedules] == ["p1-nightly"]
+    assert (o.schedules[0].when, o.schedules[0].last_outcome) == ("0 3 * * *", "partial")
+    (v,) = o.verifies
+    assert (v.ok, v.checked_blocks, v.missing, v.corrupt) == (False, 9, 2, 1)
+    assert [d for _, d in o.duration_series] == [30.0, 30.0, 30.0]
+    # 600 backups and 200 deletions: past MAX_POINTS // 2 events, summed per day in SQL
+    series = o.stored_series
+    assert 500 < len(series) <= overview.MAX_POINTS
+    assert [t for t, _ in series] == sorted(t for t, _ in series)
+    assert series[-1][1] == facts["stored"]  # ends at what the live backups hold
+    assert max(v for _, v in series) <= facts["stored"] + 2000
+
+    o2 = overview.overview(database, admin, overview.Scope("p2"))
+    assert [b.id for b in o2.backups] == ["b2-1", "b2-0"]
+    (job,) = o2.jobs
+    assert (job.kind, job.bytes_done, job.bytes_total, job.backup_name) == \
+        ("restore", 300, 1000, None)
+    assert [v for _, v in o2.stored_series] == [500, 1000]  # one point per backup
+    assert o2.verifies == [] and o2.duration_series == []
+    assert o2.projects == ["p1", "p2"]  # the admin's picker
+
+    every = overview.overview(database, admin, overview.Scope(None))
+    assert every.backups_total == 402
+    assert {r.name for r in every.schedules} == {"p1-nightly", "p2-nightly"}
+    assert [j.id for j in overview.running_jobs(database, overview.Scope(None))] == \
+        [j.id for j in o2.jobs]
+    assert overview.running_jobs(database, overview.Scope("p1")) == []

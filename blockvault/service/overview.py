@@ -25,7 +25,7 @@ GiB = 1024**3
 MAX_BACKUPS = 200
 MAX_VERIFIES = 20
 MAX_SCHEDULES = 100
-#: points per chart; older history is thinned to one point per day past this
+#: points per chart: one per backup event up to half of this, else one per day
 MAX_POINTS = 1000
 
 #: the jobs a person watches move (verify_container is an admin's, in its own project)
@@ -277,25 +277,42 @@ def _storage(s: Session, scope: Scope) -> Storage:
 def _stored_series(s: Session, scope: Scope) -> list[tuple[float, int]]:
     """Stored bytes over time: each backup adds its bytes when made and takes them away
     when deleted (its unshared chunks are collected then, so this is what the store holds,
-    within the garbage collector's grace)."""
-    stmt = select(Backup.created_at, Backup.deleted_at, Backup.stored_bytes).where(
-        Backup.stored_bytes.is_not(None))
-    events: list[tuple[dt.datetime, int]] = []
-    for created, deleted_at, stored in s.execute(_in_scope(stmt, Backup.project_id, scope)):
-        events.append((created, stored))
-        if deleted_at is not None:
-            events.append((deleted_at, -stored))
-    events.sort(key=lambda e: e[0])
+    within the garbage collector's grace). One point per backup made or deleted while
+    there are few; past that, one per UTC day, summed in the database, so a page over a
+    long history reads a few hundred rows, not every backup ever made."""
+    counted = select(func.count()).select_from(Backup).where(Backup.stored_bytes.is_not(None))
+    events: list[tuple[float, int]] = []
+    if (s.scalar(_in_scope(counted, Backup.project_id, scope)) or 0) <= MAX_POINTS // 2:
+        stmt = select(Backup.created_at, Backup.deleted_at, Backup.stored_bytes).where(
+            Backup.stored_bytes.is_not(None))
+        for created, deleted_at, stored in s.execute(_in_scope(stmt, Backup.project_id,
+                                                               scope)):
+            events.append((_unix(created), stored))
+            if deleted_at is not None:
+                events.append((_unix(deleted_at), -stored))
+    else:
+        for column, sign in ((Backup.created_at, 1), (Backup.deleted_at, -1)):
+            day = func.date(column)
+            stmt = (select(day, func.sum(Backup.stored_bytes))
+                    .where(Backup.stored_bytes.is_not(None), column.is_not(None))
+                    .group_by(day))
+            now = _unix(utcnow())
+            for when, total in s.execute(_in_scope(stmt, Backup.project_id, scope)):
+                # SQLite answers date() with text, PostgreSQL with a date; the day's point
+                # is at its end (or now, for today)
+                start = dt.datetime.fromisoformat(str(when)[:10])
+                end = _unix(start + dt.timedelta(days=1)) - 1
+                events.append((min(end, now), sign * int(total)))
+    events.sort()
     points: list[tuple[float, int]] = []
     total = 0
-    for when, delta in events:
+    for t, delta in events:
         total += delta
-        t = _unix(when)
         if points and points[-1][0] == t:
             points[-1] = (t, total)
         else:
             points.append((t, total))
-    return _thin(points)
+    return points[-MAX_POINTS:]
 
 
 def _duration_series(s: Session, scope: Scope) -> list[tuple[float, float]]:
@@ -318,16 +335,6 @@ def _projects(s: Session) -> list[str]:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _thin(points: list[tuple[float, int]]) -> list[tuple[float, int]]:
-    """At most MAX_POINTS: past that, the last point of each UTC day."""
-    if len(points) <= MAX_POINTS:
-        return points
-    by_day: dict[int, tuple[float, int]] = {}
-    for t, v in points:
-        by_day[int(t // 86400)] = (t, v)
-    return list(by_day.values())[-MAX_POINTS:]
-
-
 def _every(seconds: int | None) -> str:
     if not seconds:
         return "—"
@@ -344,10 +351,3 @@ def _unix(when: dt.datetime) -> float:
 
 def _iso(when: dt.datetime | None) -> str | None:
     return None if when is None else when.replace(tzinfo=dt.UTC).isoformat()
-
-
-def age_seconds(when: dt.datetime | None, now: dt.datetime | None = None) -> float | None:
-    """Seconds since ``when`` (naive UTC), for "3 min ago" texts."""
-    if when is None:
-        return None
-    return ((now or utcnow()) - when).total_seconds()
