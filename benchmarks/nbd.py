@@ -287,7 +287,7 @@ class Api:
                 if b["status"] == "error":
                     raise RuntimeError(f"{kind} {item}: {b}")
                 return b
-            time.sleep(0.05)
+            time.sleep(0.01)  # the poll's period bounds how late the end is seen
 
     def backup(self, incremental: bool) -> dict:
         t0 = time.perf_counter()

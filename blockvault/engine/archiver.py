@@ -201,6 +201,9 @@ class BackupRun:
         self.uploads: deque[tuple[Future, int]] = deque()
         self.pack_names: dict[int, bytes] = {}
         self.index_mu = threading.Lock()
+        # Signalled when an upload thread has named its pack (or given up): the manifest is
+        # built while the last packs upload, and waits only for their names.
+        self.named = threading.Condition(self.index_mu)
         self._tls = threading.local()
         self._tls_mu = threading.Lock()
         self._tls_indexes: list[Index] = []
@@ -421,12 +424,17 @@ class BackupRun:
                 o += n
             blobs.clear()
             name = blake3.blake3(data).digest()
+            # Named before it is stored: a reference list or a manifest being built may name
+            # it early (that only protects it); the manifest is put after every upload ends.
+            with self.named:
+                self.pack_names[seq] = name
+                self.named.notify_all()
             self.c.put(pack_object(name.hex()), data)  # stores take any bytes-like object
             data.release()
         finally:
             self._pack_bufs.put(buf)
-        with self.index_mu:
-            self.pack_names[seq] = name
+            with self.named:
+                self.named.notify_all()  # a failure before naming must wake the waiter too
         # Only uploaded packs enter the shared index (other backups may dedup against it).
         # One writer at a time; SQLite releases the GIL so this overlaps the pipeline.
         with self.index_mu:
@@ -658,9 +666,8 @@ class BackupRun:
                 self._accept(self.comp_q.popleft().result())
             self._check_cancel()
             self._seal()
-            self._reap_uploads(block=True)
-            self._check_cancel()
-            self.stored_bytes += self._write_manifest(backup_id, size, parent_id)
+            manifest_bytes = self._write_manifest(backup_id, size, parent_id)  # reaps uploads
+            self.stored_bytes += manifest_bytes
             stop_publishing.set()
             publishing.join()
             self._gap_ends()
@@ -684,7 +691,11 @@ class BackupRun:
 
     def _write_manifest(self, backup_id: str, size: int, parent_id: str | None) -> int:
         with self.engine._manifest_builder(backup_id, self.crypto) as builder:
-            self._fill_manifest(builder)
+            self._fill_manifest(builder)  # while the last packs upload
+            # Every pack the manifest names is stored before the manifest is: a manifest
+            # naming a pack that never arrived would be a lost backup.
+            self._reap_uploads(block=True)
+            self._check_cancel()
             return self.engine._put_manifest(self.c, backup_id, builder, {
                 "size": size, "block_size": self.bs, "parent_id": parent_id,
                 "dedup_scope": self.scope, "created_at": int(time.time()),
@@ -693,6 +704,12 @@ class BackupRun:
 
     def _fill_manifest(self, builder: ManifestBuilder) -> None:
         """Copy the pending entries into ``builder``, naming the packs built meanwhile."""
+        with self.named:
+            while len(self.pack_names) < self.seq and not any(
+                    f.done() and f.exception() is not None for f, _seq in self.uploads):
+                self.named.wait(1.0)
+        if len(self.pack_names) < self.seq:
+            self._reap_uploads(block=True)  # raises the upload's error
         self.tmp.flush()
         self.tmp.seek(0)
         names = self.pack_names
