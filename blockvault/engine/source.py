@@ -77,7 +77,7 @@ class Target(Protocol):
 class FileSource:
     """A regular file or a block device: holes from SEEK_DATA/SEEK_HOLE, reads with
     O_DIRECT where the filesystem allows it (see blockvault.directio). It has no change
-    tracking of its own (the service's change map of uploads is given as ``changed``)."""
+    tracking of its own (raw volumes' tracked writes: blockvault.volume.changes)."""
 
     def __init__(self, path: os.PathLike | str) -> None:
         self.path = Path(path)

@@ -329,7 +329,7 @@ class Tasks:
                     raise LookupError(f"Volume {backup.volume_id} could not be found.")
                 opened = self.backends.get(backend_name).open_backup(disk, parent_ref)
             else:
-                opened = BackupSource(snapshot_path, size, None, backup.snapshot_id)
+                opened = BackupSource(snapshot_path, size, backup.snapshot_id)
             try:
                 result = self.engine.backup(
                     container=container,
@@ -340,7 +340,6 @@ class Tasks:
                     record=record,
                     progress=self._progress(job),
                     cancelled=self._watch(job, "creating"),
-                    changed=opened.changed if parent_sid else None,
                     scope=project,
                 )
             except (OSError, EngineError):

@@ -43,12 +43,14 @@ The driver interface (what the service uses; one class per driver, registered in
   disk. Any problem is an :class:`InvalidReference` whose message names it (it becomes the
   400's text, so no server path beyond what the caller sent).
 * :meth:`VolumeDriver.open_backup` returns a :class:`BackupSource`: ``source`` is what
-  ``Engine.backup`` reads (a ``Path`` for raw, file and block; an engine Source object for
-  nbd), ``changed`` the ranges ``(offset, length)`` that may differ since ``parent`` (a
-  :class:`Parent`, None for a full backup) or None when unknown (the engine then reads all
-  allocated data). After the engine returns, the service calls ``finish()`` — which
-  re-checks that the source is still the disk that was managed and raises
-  :class:`SourceError` if it vanished or was replaced meanwhile, failing the backup — and,
+  ``Engine.backup`` reads: an engine Source (``blockvault.engine.source``) or the ``Path``
+  of a file or device. Its ``changed_extents()`` answers what may differ since ``parent``
+  (a :class:`Parent`, None for a full backup): the data API's tracked writes for raw
+  volumes (:class:`blockvault.volume.changes.TrackedFileSource`), a dirty bitmap for nbd,
+  None when unknown (the engine then reads all allocated data). After the engine returns,
+  the service calls ``finish()`` — which re-checks that the source is still the disk that
+  was managed and raises :class:`SourceError` if it vanished or was replaced meanwhile,
+  failing the backup — and,
   once the backup is recorded, ``committed(backup_id)`` (raw: restart its change map; nbd:
   clear or rotate the bitmap). ``close()`` always runs last (it is a context manager).
 * :meth:`VolumeDriver.open_restore` returns a :class:`RestoreTarget` whose ``target`` is
@@ -74,6 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockvault.volume.changes import TrackedFileSource
 from blockvault.volume.rawfile import RawFileDriver
 
 GiB = 1024**3
@@ -138,11 +141,9 @@ class Candidate:
 class BackupSource:
     """An opened volume for one backup. Subclass or use as is."""
 
-    def __init__(self, source: Any, size: int, changed: list[tuple[int, int]] | None = None,
-                 name: str = "") -> None:
+    def __init__(self, source: Any, size: int, name: str = "") -> None:
         self.source = source
         self.size = size
-        self.changed = changed
         self.name = name
 
     def finish(self) -> None:
@@ -253,8 +254,8 @@ class RawDriver(VolumeDriver):
         changes = self.files.changes(disk.volume_id)
         stamp = changes.stamp()
         hint = changes.hint(parent.backup_id) if parent is not None else None
-        src = _RawBackup(self.files.volume_path(disk.volume_id), disk.size, hint,
-                         disk.volume_id)
+        src = _RawBackup(TrackedFileSource(self.files.volume_path(disk.volume_id), hint),
+                         disk.size, disk.volume_id)
         src.changes, src.stamp = changes, stamp
         return src
 

@@ -156,7 +156,7 @@ class BlockDriver(VolumeDriver):
         return name
 
     def open_backup(self, disk: Disk, parent: Parent | None) -> BackupSource:
-        src = BackupSource(Path(self.path(disk)), disk.size, None, disk.location or "")
+        src = BackupSource(Path(self.path(disk)), disk.size, disk.location or "")
         src.finish = lambda: self.path(disk)  # type: ignore[method-assign]
         return src
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from blockvault.engine.source import FileSource
 
 #: Past this many separate ranges the map is dropped (a full read is then cheaper to reason
 #: about than a huge hint, and the file stays small).
@@ -74,6 +77,20 @@ class ChangeMap:
 
     def invalidate(self) -> None:
         self._save(None)
+
+
+class TrackedFileSource(FileSource):
+    """A raw volume file as an engine Source whose change tracking is the writes the data
+    API recorded since the parent backup (:meth:`ChangeMap.hint`, taken when the backup
+    began), or None when they are not known to be complete."""
+
+    def __init__(self, path: os.PathLike | str,
+                 changed: Sequence[tuple[int, int]] | None) -> None:
+        super().__init__(path)
+        self._changed = changed
+
+    def changed_extents(self) -> Sequence[tuple[int, int]] | None:
+        return self._changed
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

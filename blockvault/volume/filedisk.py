@@ -173,7 +173,7 @@ class FileDriver(VolumeDriver):
 
 class _Checked(BackupSource):
     def __init__(self, driver: FileDriver, disk: Disk, path: Path, size: int) -> None:
-        super().__init__(path, size, None, driver.source_name(disk))
+        super().__init__(path, size, driver.source_name(disk))
         self.driver, self.disk = driver, disk
 
     def finish(self) -> None:

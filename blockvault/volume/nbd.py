@@ -492,7 +492,7 @@ class NbdDriver(VolumeDriver):
 
 class _NbdBackup(BackupSource):
     def __init__(self, driver: NbdDriver, disk: Disk, src: NbdSource) -> None:
-        super().__init__(src, disk.size, None, src.name)
+        super().__init__(src, disk.size, src.name)
         self.driver, self.disk, self.src = driver, disk, src
 
     def finish(self) -> None:
