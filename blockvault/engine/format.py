@@ -338,6 +338,7 @@ class ManifestReader:
         self.backup_id = backup_id
         self.name = manifest_object(backup_id)
         self.crypto = crypto
+        self._c, self._container = c, container
         self._r = _RangeReader(c, self.name)
         prefix = self._r.read(MANIFEST_PREFIX.size)
         magic, version, flags, hlen = MANIFEST_PREFIX.unpack(prefix)
@@ -381,22 +382,58 @@ class ManifestReader:
         except SealError:
             raise DataError(f"manifest {self.name} is corrupt", self.name) from None
 
+    def _segment(self, dctx: zstandard.ZstdDecompressor, seq: int) -> bytes | None:
+        (n,) = SEGMENT_LEN.unpack(self._r.read(SEGMENT_LEN.size))
+        if n == 0:
+            return None
+        if n > 2 * _SEGMENT_BYTES:  # no sealed segment is that long: not a length field
+            raise DataError(f"manifest {self.name} is corrupt", self.name)
+        body = self._open(self._r.read(n), _segment_aad(self.backup_id, seq))
+        try:
+            raw = dctx.decompress(body)
+        except zstandard.ZstdError:
+            raise DataError(f"manifest {self.name} is corrupt", self.name) from None
+        if len(raw) % MANIFEST_ENTRY.size:
+            raise DataError(f"manifest {self.name} is corrupt", self.name)
+        return raw
+
+    def _reopen(self, seq: int) -> None:
+        """Read the manifest object again, up to segment ``seq``. Repacking rewrites a
+        manifest in place (docs/format.md, "Repacking") while it may be streamed: the
+        windows after the rewrite come from the new object, at offsets of the old one.
+        Both versions hold the same blocks in the same segments (only where their blobs
+        live differs), so reading on from segment ``seq`` of the new version is sound;
+        a header that disagrees means it is not such a rewrite (DataError)."""
+        again = ManifestReader(self._c, self.backup_id, self.crypto, self._container)
+        same = ("size", "block_size", "entries", "segments", "dedup_scope")
+        if any(again.header.get(k) != self.header.get(k) for k in same):
+            raise DataError(f"manifest {self.name} changed while it was read", self.name)
+        for _ in range(seq):  # sealed under their own numbers: read past, not trusted
+            (n,) = SEGMENT_LEN.unpack(again._r.read(SEGMENT_LEN.size))
+            if n == 0:
+                raise DataError(f"manifest {self.name} is incomplete", self.name)
+            again._r.read(n)
+        self._r = again._r
+
     def raw_segments(self) -> Iterator[bytes]:
         """Yield each segment's packed entries (MANIFEST_ENTRY records)."""
         dctx = zstandard.ZstdDecompressor()
         seq = 0
         total = 0
+        retries = 0
         while True:
-            (n,) = SEGMENT_LEN.unpack(self._r.read(SEGMENT_LEN.size))
-            if n == 0:
-                break
-            body = self._open(self._r.read(n), _segment_aad(self.backup_id, seq))
             try:
-                raw = dctx.decompress(body)
-            except zstandard.ZstdError:
-                raise DataError(f"manifest {self.name} is corrupt", self.name) from None
-            if len(raw) % MANIFEST_ENTRY.size:
-                raise DataError(f"manifest {self.name} is corrupt", self.name)
+                raw = self._segment(dctx, seq)
+            except DataError:
+                # Perhaps rewritten by a repack meanwhile: read on from the new object. A
+                # manifest that is really damaged fails the same way again.
+                if retries >= 2:
+                    raise
+                retries += 1
+                self._reopen(seq)
+                continue
+            if raw is None:
+                break
             seq += 1
             total += len(raw) // MANIFEST_ENTRY.size
             yield raw
