@@ -211,14 +211,26 @@ def test_sign_in_refuses_other_sites_and_pages_carry_their_protections(server):
     assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
     assert page.headers["cache-control"] == "no-store"
     assert "alice:p1" not in page.text  # the credential is never rendered
-    # the chart library is served from the package itself, byte for byte (no CDN)
+    # the chart library is served from the package itself, byte for byte (no CDN), at a
+    # URL naming its content's digest: cached for a year, and a new file is a new URL
     vendored = Path(__file__).parents[1] / "blockvault/dashboard/static/vendor/uplot"
     for name in ("uPlot.iife.min.js", "uPlot.min.css"):
-        assert f"/dashboard/static/vendor/uplot/{name}" in page.text
-        served = httpx.get(server.url + f"/dashboard/static/vendor/uplot/{name}")
-        assert served.status_code == 200
-        assert hashlib.sha256(served.content).digest() == \
-            hashlib.sha256((vendored / name).read_bytes()).digest()
+        body = (vendored / name).read_bytes()
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        url = f"/dashboard/static/{name}?v={digest}"
+        assert url in page.text
+        served = httpx.get(server.url + url)
+        assert served.status_code == 200 and served.content == body
+        assert served.headers["cache-control"] == "public, max-age=31536000, immutable"
+        again = httpx.get(server.url + url, headers={"If-None-Match": served.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+    stale = httpx.get(server.url + "/dashboard/static/dashboard.js?v=old")
+    assert stale.status_code == 200 and stale.headers["cache-control"] == "no-cache"
+    # only the listed files: nothing else of the package or the disk is reachable
+    for path in ("README.md", "vendor", "..%2F__init__.py", "..%2F..%2Fserver.py"):
+        r = httpx.get(server.url + f"/dashboard/static/{path}")
+        assert r.status_code == 404, path
+        assert r.json()["itemNotFound"]["code"] == 404
     assert "https://" not in page.text and "http://" not in page.text
 
 

@@ -34,6 +34,7 @@ from blockvault.api import backups, schedules, schemas, volumes
 from blockvault.api import response_schemas as rs
 from blockvault.api.http import Endpoint, make_routes
 from blockvault.api.versions import MAX_VERSION, MIN_VERSION, fmt
+from blockvault.dashboard import openapi as dashboard_openapi
 from blockvault.service.backups import BACKUP_LIST
 from blockvault.service.listing import FALSE_STRINGS, TRUE_STRINGS
 from blockvault.service.volumes import SNAPSHOT_LIST, VOLUME_LIST
@@ -469,6 +470,8 @@ def _static_paths() -> dict[str, Schema]:
                 "403": _json("a remote caller without a token, or not an admin",
                              rs.fault(403))},
             "security": [{}, {SECURITY_SCHEME: []}]}},
+        # blockvault extension: the web dashboard (blockvault.dashboard)
+        **dashboard_openapi.paths(),
     }
 
 
@@ -567,6 +570,7 @@ def build_document(settings: Any = None) -> Schema:
             {"name": "backups", "description": "backups and blockvault's backup extensions"},
             {"name": "volumes", "description": "volumes, snapshots, quotas, limits, types"},
             {"name": "service", "description": "versions, health, this document"},
+            {"name": "dashboard", "description": "the web dashboard (HTML pages, its poll)"},
         ],
         "paths": paths,
         "components": {

@@ -16,13 +16,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.routing import Route
 
 from blockvault.api.auth import AUTH_REQUIRED
 from blockvault.api.faults import HTTPFault, SafeJSONResponse, fault_response, service_fault
 from blockvault.api.http import public_base, read_bounded_body
 from blockvault.dashboard import auth as cookie
+from blockvault.dashboard.assets import Assets
 from blockvault.dashboard.templates import make_templates
 from blockvault.service import overview
 from blockvault.service.context import RequestContext
@@ -56,7 +56,8 @@ NOT_ALLOWED = "Your credential is valid, but it may not view this dashboard."
 class Dashboard:
     def __init__(self, services: Any) -> None:
         self.services = services
-        self.templates = make_templates()
+        self.assets = Assets()
+        self.templates = make_templates(self.assets.url)
 
     # -- who is asking --------------------------------------------------------------------
 
@@ -199,7 +200,7 @@ class Dashboard:
                                 headers={"Cache-Control": "no-store"})
 
 
-def routes(services: Any) -> list[BaseRoute]:
+def routes(services: Any) -> list[Route]:
     dash = Dashboard(services)
 
     async def slash(request: Request) -> Response:
@@ -212,7 +213,5 @@ def routes(services: Any) -> list[BaseRoute]:
         Route("/dashboard/login", dash.login, methods=["POST"]),
         Route("/dashboard/logout", dash.logout, methods=["POST"]),
         Route("/dashboard/api/jobs", dash.jobs, methods=["GET"]),
-        Mount("/dashboard/static",
-              StaticFiles(packages=[("blockvault.dashboard", "static")]),
-              name="dashboard-static"),
+        Route("/dashboard/static/{name}", dash.assets.serve, methods=["GET"]),
     ]

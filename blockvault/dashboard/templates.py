@@ -5,12 +5,10 @@ filters that turn bytes, times and durations into what a person reads."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 import jinja2
 from starlette.templating import Jinja2Templates
-
-#: bumped with the static files, so browsers never mix an old script with a new page
-STATIC_VERSION = "1"
 
 
 def human_bytes(n: int | None) -> str:
@@ -42,7 +40,8 @@ def percent(done: int, total: int) -> str:
     return f"{100 * done / total:.0f} %" if total else "—"
 
 
-def make_templates() -> Jinja2Templates:
+def make_templates(asset_url: Callable[[str], str]) -> Jinja2Templates:
+    """``asset_url(name)``: a static file's URL below ``/dashboard/static/``."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("blockvault.dashboard", "templates"),
         autoescape=True,
@@ -51,5 +50,5 @@ def make_templates() -> Jinja2Templates:
         lstrip_blocks=True,
     )
     env.filters.update(bytes=human_bytes, utc=utc, iso=iso, ratio=ratio)
-    env.globals.update(percent=percent, static_version=STATIC_VERSION)
+    env.globals.update(percent=percent, asset=asset_url)
     return Jinja2Templates(env=env)
