@@ -374,19 +374,28 @@ def test_a_scrape_is_cheap_at_100k_backups(tmp_path):
 # -- store faults: a real outage ---------------------------------------------------------------
 
 
-def test_store_retries_and_errors_during_an_outage(tmp_path, swift_server):
-    env = store_env("swift", swift_server)
+def _swift_server(tmp_path: Path, saio, budget: float) -> Server:
+    env = store_env("swift", saio)
     env.update({"BLOCKVAULT_DEFAULT_CONTAINER": f"bv-{uuid.uuid4().hex[:12]}",
-                "BLOCKVAULT_STORE_RETRY_ATTEMPTS": "40",
-                "BLOCKVAULT_STORE_RETRY_BUDGET": "4"})
-    srv = Server(tmp_path / "swift", env).start()
+                "BLOCKVAULT_STORE_RETRY_ATTEMPTS": "1000",
+                "BLOCKVAULT_STORE_RETRY_BUDGET": str(budget)})
+    return Server(tmp_path / f"swift-{budget:g}", env).start()
+
+
+def _total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples carrying ``labels`` (whatever their other labels)."""
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and labels.items() <= dict(lab).items())
+
+
+def test_store_retries_and_errors_during_an_outage(tmp_path, swift_server):
+    # a short outage: retried, and the backup makes it
+    srv = _swift_server(tmp_path, swift_server, budget=60)
     try:
         api = srv.client("alice", uuid.uuid4().hex)
         vol = api.create_volume(1)
         api.write(vol, 0, os.urandom(4 * MiB))
         before = scrape(srv.url)
-
-        # a short outage: retried, and the backup makes it
         swift_server.stop()
         restarter = threading.Timer(1.5, swift_server.start)
         restarter.start()
@@ -397,17 +406,24 @@ def test_store_retries_and_errors_during_an_outage(tmp_path, swift_server):
             restarter.join()
             swift_server.start()
         assert b["status"] == "available", b
-        mid = scrape(srv.url)
-        retries = sum(v for (n, _), v in mid.items() if n == "blockvault_store_retries_total")
-        retries -= sum(v for (n, _), v in before.items()
-                       if n == "blockvault_store_retries_total")
-        unavailable = sum(v for (n, lab), v in mid.items()
-                          if n == "blockvault_store_errors_total"
-                          and dict(lab)["kind"] == "unavailable")
+        after = scrape(srv.url)
+        retries = (_total(after, "blockvault_store_retries_total")
+                   - _total(before, "blockvault_store_retries_total"))
+        unavailable = (_total(after, "blockvault_store_errors_total", kind="unavailable")
+                       - _total(before, "blockvault_store_errors_total", kind="unavailable"))
         assert retries >= 1 and unavailable >= retries
-        assert delta(mid, before, "blockvault_backup_attempts_total", outcome="success") == 1
+        assert _total(after, "blockvault_store_retries_exhausted_total") == 0
+        assert delta(after, before, "blockvault_backup_attempts_total", outcome="success") == 1
+    finally:
+        srv.stop()
 
-        # a long one: the retries run out and the backup fails
+    # a long one: the retries run out and the backup fails
+    srv = _swift_server(tmp_path, swift_server, budget=2)
+    try:
+        api = srv.client("alice", uuid.uuid4().hex)
+        vol = api.create_volume(1)
+        api.write(vol, 0, os.urandom(MiB))
+        before = scrape(srv.url)
         swift_server.stop()
         try:
             bad = api.create_backup(vol, wait=False)
@@ -416,10 +432,9 @@ def test_store_retries_and_errors_during_an_outage(tmp_path, swift_server):
             swift_server.start()
         assert b["status"] == "error", b
         after = scrape(srv.url)
-        exhausted = sum(v for (n, _), v in after.items()
-                        if n == "blockvault_store_retries_exhausted_total")
-        assert exhausted >= 1
-        assert delta(after, mid, "blockvault_backup_attempts_total", outcome="failed") >= 1
+        assert (_total(after, "blockvault_store_retries_exhausted_total")
+                - _total(before, "blockvault_store_retries_exhausted_total")) >= 1
+        assert delta(after, before, "blockvault_backup_attempts_total", outcome="failed") == 1
     finally:
         srv.stop()
 
