@@ -62,6 +62,8 @@ def make_engine(settings: Settings, backend: Backend) -> Engine:
             encryption_key=settings.encryption_key_bytes(),
             gc_grace=settings.gc_grace,
             store_lag=settings.store_lag,
+            repack=settings.repack,
+            repack_max_unused=settings.repack_max_unused,
             dedup_scope=settings.dedup_scope,
         ),
     )

@@ -32,6 +32,13 @@ class EngineConfig:
     # eventually consistent. Safety needs gc_grace > 2 * store_lag.
     gc_grace: float = 3600.0
     store_lag: float = 300.0
+    # Repacking (docs/format.md, "Repacking"): a collection copies the live blobs of partly
+    # referenced packs into new ones, emptiest packs first, until the unused bytes left in
+    # packs are at most ``repack_max_unused`` x the live bytes (restic's --max-unused), so
+    # stored bytes follow the live data; a round that would free less than one pack_size
+    # is not worth its copying and is skipped.
+    repack: bool = True
+    repack_max_unused: float = 0.1
     # Which backups deduplicate against each other (docs/format.md, "Dedup scopes"):
     # "project" — only those given the same ``scope`` (the service passes the project id),
     # so nothing a tenant observes depends on another tenant's data; "container" — all
@@ -53,6 +60,8 @@ class EngineConfig:
             raise ValueError("workers must be >= 0 and upload_concurrency >= 1")
         if self.store_lag < 0 or self.gc_grace <= 2 * self.store_lag:
             raise ValueError("gc_grace must be more than twice store_lag (docs/format.md)")
+        if not 0 <= self.repack_max_unused <= 100:
+            raise ValueError("repack_max_unused must be between 0 and 100")
         if self.dedup_scope not in ("project", "container"):
             raise ValueError(
                 f"dedup_scope must be 'project' or 'container', not {self.dedup_scope!r}")

@@ -318,7 +318,9 @@ class Engine:
         self._config(c, container, create=False)
         prune.discard(c, backup_id)
         try:
-            return prune.collect_garbage(self, container, c)
+            # No repacking here: the delete returns soon, and the collection it owes (a
+            # repack being due makes this False) repacks.
+            return prune.collect_garbage(self, container, c, repack=False)
         except (EngineError, StoreError) as e:
             log.warning("garbage collection in %s after deleting %s failed: %s",
                         container, backup_id, e)

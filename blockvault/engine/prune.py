@@ -7,6 +7,10 @@ never deduplicate against condemned packs, publish what they use while they run,
 their finished manifest against the marks (``lost_references``), so no timing of locks,
 listings or clocks lets a collection delete what a backup references. All times are the
 store's clock.
+
+A collection also repacks (``blockvault.engine.repack``): packs only partly referenced have
+their live blobs copied into new packs, the manifests pointed at the copies, and are then
+condemned like any other garbage.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from blockvault.engine import repack as repacking
 from blockvault.engine.errors import EngineError
 from blockvault.engine.format import (
     ContainerConfig,
@@ -67,8 +72,12 @@ def lost_references(engine: Engine, c: Container, cfg: ContainerConfig,
     return found
 
 
-def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
-    """Sweep marks older than the grace period, then condemn what is newly unreferenced.
+def collect_garbage(engine: Engine, container: str, c: Container,
+                    repack: bool = True) -> bool:
+    """Sweep marks older than the grace period, condemn what is newly unreferenced, then
+    repack partly referenced packs (docs/format.md, "Repacking"). With ``repack`` False
+    (a delete, which should not wait for copying) a repack that is due only makes the
+    result False, so that the service collects again later.
 
     A mark's packs are deleted by every collection from ``gc_grace`` after the mark on
     (those still unreferenced); the mark itself stays until ``2 * gc_grace``, so that a
@@ -84,12 +93,13 @@ def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
     grace = engine.config.gc_grace
     now = c.clock()
     ref = sqlite3.connect("")  # private temporary database: bounded memory
+    live = repacking.LiveBlobs() if engine.config.repack else None
     try:
         ref.execute("CREATE TABLE ref (pack BLOB PRIMARY KEY) WITHOUT ROWID")
-        _referenced(c, cfg, container, ref)
+        _referenced(c, cfg, container, ref, live)
         # Reference lists of running backups count as references while they are fresh.
-        ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
-                        ((p,) for p in read_live_refs(c, cfg.crypto, now, grace)))
+        in_use = set(read_live_refs(c, cfg.crypto, now, grace))
+        ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)", ((p,) for p in in_use))
 
         def unreferenced(pack: bytes) -> bool:
             return ref.execute("SELECT 1 FROM ref WHERE pack = ?", (pack,)).fetchone() is None
@@ -123,7 +133,11 @@ def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
                 pack = bytes.fromhex(info.name.rsplit("/", 1)[-1])
             except ValueError:
                 continue
-            if len(pack) != 32 or pack in condemned or not unreferenced(pack):
+            if len(pack) != 32 or pack in condemned:
+                continue
+            if not unreferenced(pack):
+                if live is not None:
+                    live.add_listed(info, pack)
                 continue
             if now - info.mtime < grace:
                 waiting = True  # perhaps a running backup's, not referenced yet
@@ -134,13 +148,22 @@ def collect_garbage(engine: Engine, container: str, c: Container) -> bool:
             log.info("garbage collection in %s condemned %d unreferenced packs",
                      container, len(fresh))
             waiting = True
+        if live is not None:
+            # Packs a running backup uses may hold blobs no manifest names yet: not judged.
+            excluded = condemned | set(fresh) | in_use
+            chosen = repacking.plan(engine, live, now, excluded)
+            if chosen and (not repack or repacking.repack(engine, container, c, cfg, live,
+                                                          chosen, excluded)):
+                waiting = True  # a repack is due, or its old packs are condemned now
         return not waiting
     finally:
         ref.close()
+        if live is not None:
+            live.close()
 
 
 def _referenced(c: Container, cfg: ContainerConfig, container: str,
-                ref: sqlite3.Connection) -> None:
+                ref: sqlite3.Connection, live: repacking.LiveBlobs | None) -> None:
     for mname in c.list("manifests/"):
         bid = mname[len("manifests/"):]
         try:
@@ -148,6 +171,8 @@ def _referenced(c: Container, cfg: ContainerConfig, container: str,
             for raw in m.raw_segments():
                 ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
                                 ((p,) for p in entry_packs(raw)))
+                if live is not None:
+                    live.add_segment(bid, m, raw)
         except EngineError as e:  # corrupt, unknown version, sealed with another key
             if c.stat(mname) is None:
                 continue  # deleted meanwhile: its packs are garbage too
