@@ -76,6 +76,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
     srv = Server(tmp_path_factory.mktemp("bv-dash"), {
         "BLOCKVAULT_BACKUP_WORKERS": "1", "BLOCKVAULT_ENGINE_WORKERS": "1",
         "BLOCKVAULT_ZSTD_LEVEL": "19",
+        # a TLS-terminating proxy on this machine (only test_sign_in_... says so)
+        "BLOCKVAULT_TRUSTED_PROXIES": "127.0.0.1",
     }).start()
     yield srv
     srv.stop()
@@ -200,6 +202,12 @@ def test_sign_in_refuses_other_sites_and_pages_carry_their_protections(server):
     assert set_cookie.startswith("blockvault_dashboard=alice:p1;")
     assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie
     assert "Path=/dashboard" in set_cookie and "Secure" not in set_cookie  # plain http here
+    # served over https (a trusted proxy says so): the cookie is Secure, and the page's own
+    # https origin is the one sign-in accepts
+    r = httpx.post(server.url + "/dashboard/login", data={"token": "alice:p1"},
+                   headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "bv.example",
+                            "Origin": "https://bv.example"})
+    assert r.status_code == 303 and "; Secure" in r.headers["set-cookie"]
     # not a form: 415, as the API answers a body it does not read
     r = httpx.post(server.url + "/dashboard/login", content=b'{"token": "alice:p1"}',
                    headers={"Content-Type": "application/json"})
