@@ -150,20 +150,24 @@ def listed_backups(page: Page) -> dict[str, str]:
             rows.nth(i).locator(".status").inner_text() for i in range(rows.count())}
 
 
-def coloured_pixels(page: Page, selector: str, rgb: tuple[int, int, int]) -> int:
-    """Pixels of ``rgb`` (±24 per channel) on the chart's canvas: the series really drawn,
-    not just axes."""
-    return page.evaluate(
+def coloured_pixels(page: Page, selector: str, rgb: tuple[int, int, int]) -> tuple[int, float]:
+    """How many pixels of ``rgb`` (±24 per channel) the chart's canvas has, and where they
+    are on average across it (0 = left edge, 1 = right): the series really drawn, not just
+    axes, and where."""
+    return tuple(page.evaluate(
         """([sel, rgb]) => {
             const c = document.querySelector(sel + ' canvas');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-            let n = 0;
+            let n = 0, xs = 0;
             for (let i = 0; i < d.length; i += 4) {
               if (d[i + 3] > 200 && Math.abs(d[i] - rgb[0]) < 24 &&
-                  Math.abs(d[i + 1] - rgb[1]) < 24 && Math.abs(d[i + 2] - rgb[2]) < 24) n++;
+                  Math.abs(d[i + 1] - rgb[1]) < 24 && Math.abs(d[i + 2] - rgb[2]) < 24) {
+                n++;
+                xs += (i / 4) % c.width;
+              }
             }
-            return n;
-        }""", [selector, list(rgb)])
+            return [n, n ? xs / n / c.width : 0];
+        }""", [selector, list(rgb)]))
 
 
 # -- tests ---------------------------------------------------------------------------------
@@ -279,7 +283,8 @@ def test_lists_the_projects_backups_and_draws_the_charts(browser, server, world)
     page.wait_for_selector("#chart-stored canvas")
     assert page.get_attribute("#chart-stored", "data-points") == "3"
     assert page.get_attribute("#chart-durations", "data-points") == "3"
-    assert coloured_pixels(page, "#chart-stored", STORED_RGB) > 200
+    pixels, _ = coloured_pixels(page, "#chart-stored", STORED_RGB)
+    assert pixels > 200
 
     # the verification made through the API, as the API reports it
     web_full = world["backups"]["web-full"]
@@ -385,6 +390,10 @@ def test_projects_are_kept_apart_and_an_admin_sees_across(browser, server, world
     admin.click(".picker button")
     admin.wait_for_url(re.compile(rf".*project={bob.project}$"))
     assert listed_backups(admin) == {"bob-secret-backup": "available"}
+    # one backup: one point, in the middle of its chart (not at an edge of a 1000-day axis)
+    admin.wait_for_selector("#chart-stored canvas")
+    pixels, where = coloured_pixels(admin, "#chart-stored", STORED_RGB)
+    assert pixels > 10 and 0.4 < where < 0.6, (pixels, where)
     shot(admin, "admin")
     # signing out forgets the credential: the dashboard asks again
     admin.click("#logout")

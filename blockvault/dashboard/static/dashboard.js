@@ -22,9 +22,12 @@
 
   // -- charts --------------------------------------------------------------------------------
 
-  // a single instant still gets a minute either side to sit in
+  // a single instant sits in the middle of an hour (uPlot would give it 1000 days, at the
+  // left edge: it pads one point by 86400 / ms, and ms is 1e-3 for unix seconds)
   function xRange(u, min, max) {
-    return max - min < 1 ? [min - 60, max + 60] : [min, max];
+    var xs = u.data[0];
+    if (xs.length && xs[0] === xs[xs.length - 1]) return [xs[0] - 1800, xs[0] + 1800];
+    return [min, max];
   }
 
   function chart(id, series, label, color, fmt, fill) {
@@ -39,7 +42,7 @@
       scales: { x: { time: true, range: xRange }, y: { range: function (u, min, max) { return [0, max > 0 ? max * 1.1 : 1]; } } },
       axes: [
         {},
-        { size: 70, values: function (u, vals) { return vals.map(fmt); } },
+        { size: 84, values: function (u, vals) { return vals.map(fmt); } },
       ],
       series: [
         {},
