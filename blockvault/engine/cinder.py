@@ -698,7 +698,7 @@ class _Composer:
                         self.sha.name)
                 got = hashlib.sha256(view[off: off + bs]).digest()
                 if got != want:
-                    raise self._block_error(block_no)
+                    raise self._block_error(block_no, streams)
             emit(pos, view)
             pos = wend
             if report is not None:
@@ -708,14 +708,23 @@ class _Composer:
                             f"hashes than the {self.blocks} blocks of the backup's objects",
                             self.sha.name)
 
-    def _block_error(self, block_no: int) -> DataError:
+    def _block_error(self, block_no: int, streams: dict[int, _ObjectStream]) -> DataError:
+        """The error for a block whose SHA-256 differs: the object it came from if that
+        object's md5 fails (read to its end to know), else the hash file."""
         a, b = block_no * self.bs, min(self.end, (block_no + 1) * self.bs)
-        names = [p.backup.store_name(p.obj.name) for p in self.pieces
-                 if p.start < b and p.end > a]
+        covering = [p for p in self.pieces if p.start < b and p.end > a]
+        for p in covering:
+            s = streams.pop(id(p.obj), None)
+            if s is not None:  # else finished already: its md5 matched
+                try:
+                    s.finish()
+                except DataError as e:
+                    return e
+        names = " and ".join(p.backup.store_name(p.obj.name) for p in covering)
         return DataError(
-            f"volume block {block_no} (bytes {a}..{b}) read from object "
-            f"{' and '.join(names)} does not match its SHA-256 in {self.sha.name}: "
-            "the object or the hash file is corrupt", names[0] if names else self.sha.name)
+            f"object {self.sha.name} is corrupt: volume block {block_no} (bytes {a}..{b}) "
+            f"does not match its SHA-256 there, although object {names} matches its md5",
+            self.sha.name)
 
 
 def restore_chain(container: Container, chain: list[CinderBackup], target: Target, *,
@@ -804,17 +813,17 @@ def verify_chain(container: Container, chain: list[CinderBackup]) -> VerifyRepor
         try:
             comp.run(lambda _off, _view: None)
             rep.checked_blocks = comp.blocks
-        except MissingObject as e:
-            missing.add(e.object_name)
         except DataError as e:
-            # name every bad object the pass stopped short of, not only the first
+            # the pass stops at the first fault: name every bad object, not only that one
             for b in chain:
                 for o in b.objects:
                     if id(o) in used:
                         check_object(b, o)
-            if not (missing | corrupt) & {p.backup.store_name(p.obj.name)
-                                          for p in comp.pieces}:
-                corrupt.add(e.object_name)
+            if isinstance(e, MissingObject):
+                missing.add(e.object_name)
+            elif not (missing | corrupt) & {p.backup.store_name(p.obj.name)
+                                            for p in comp.pieces}:
+                corrupt.add(e.object_name)  # the hash file, or what only it shows
     rep.missing = sorted(missing)
     rep.corrupt = sorted(corrupt - missing)
     return rep
