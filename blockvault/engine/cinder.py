@@ -61,8 +61,8 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ import zstandard
 from blockvault.engine.config import Progress, Throttle, VerifyReport
 from blockvault.engine.errors import Cancelled, DataError, FormatError
 from blockvault.engine.source import Target
-from blockvault.store.base import Container, ObjectNotFound
+from blockvault.store.base import Container, ObjectNotFound, StorePermanentError
+from blockvault.store.local import LocalContainer
 
 METADATA_SUFFIX = "_metadata"
 SHA256_SUFFIX = "_sha256file"
@@ -148,9 +149,6 @@ def posix_tree(backup_posix_path: str | Path) -> Container:
     ``<container>/<Cinder's name>``), so backups in Cinder's nested default containers
     (``ab/cd/<id>``, one per backup) and in named ones are read alike. Not created: a path
     that is not a directory is an error."""
-    from blockvault.store.base import StorePermanentError
-    from blockvault.store.local import LocalContainer
-
     root = Path(backup_posix_path)
     if not root.is_dir():
         raise StorePermanentError(f"Cinder backup directory {root} does not exist")
@@ -300,8 +298,6 @@ def _chain_order(found: Mapping[str, CinderBackup]) -> list[CinderBackup]:
 
 
 def _with_size(b: CinderBackup, size: int) -> CinderBackup:
-    from dataclasses import replace
-
     return b if b.size == size else replace(b, size=size)
 
 
@@ -840,10 +836,3 @@ def delete_backup(container: Container, backup: CinderBackup) -> int:
             container.delete(name)
     container.delete(meta)
     return len(names)
-
-
-def iter_objects(chain: Iterable[CinderBackup]) -> Iterator[tuple[CinderBackup, CinderObject]]:
-    """Every data object of the backups of ``chain``, with its backup."""
-    for b in chain:
-        for o in b.objects:
-            yield b, o
