@@ -736,6 +736,116 @@ def recover(config_file: str | None, data_dir: str | None, container: str | None
         click.echo(f"{imported} imported, {skipped} skipped", err=True)
 
 
+@main.command("import-cinder")
+@click.argument("container", required=False)
+@click.option("--posix-path", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Cinder's backup_posix_path: import from every container under it "
+                   "(Cinder's default ab/cd/<id> ones too), read directly.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="The server's TOML configuration: CONTAINER is read from its "
+                   "[cinder_store], else its store.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--backup-service", default=None,
+              help="Cinder driver to name in the records (default: the one that writes "
+                   "the store's layout, e.g. cinder.backup.drivers.posix.PosixBackupDriver).")
+@credential_options
+@click.option("--dry-run", is_flag=True, help="Only list the backups found, in chain order.")
+def import_cinder(container: str | None, posix_path: str | None, config_file: str | None,
+                  data_dir: str | None, backup_service: str | None, url: str | None,
+                  token: str | None, cloud: str | None, dry_run: bool) -> None:
+    """Import every backup Cinder wrote in CONTAINER (or under --posix-path) into the
+    caller's project, found from the backups' _metadata objects alone.
+
+    Parents are imported before their incrementals, each through the API's import_record
+    (an admin's call) with the record Cinder's export would give; the data stays where
+    Cinder wrote it. Reports what was imported and what could not be, and why (exit 1 if
+    anything could not be). docs/migration.md walks through a migration.
+    """
+    from blockvault.engine import EngineError
+    from blockvault.engine import cinder as cinder_format
+    from blockvault.service.cinder_records import driver_for_store, record_from_metadata
+    from blockvault.store import StoreError
+
+    if (container is None) == (posix_path is None):
+        raise click.UsageError("give a CONTAINER or --posix-path (not both)")
+    problems: list[str] = []
+
+    def problem(name: str, why: str) -> None:
+        problems.append(f"{name}: not a readable backup: {why}")
+
+    try:
+        if posix_path is not None:
+            kind = "local"
+            found = cinder_format.discover(cinder_format.posix_tree(posix_path), nested=True,
+                                           on_problem=problem)
+        else:
+            from blockvault.config import load_settings
+            from blockvault.store.factory import make_backend, make_cinder_backend
+
+            settings = load_settings(config_file, data_dir=data_dir)
+            backend = make_cinder_backend(settings) or make_backend(settings)
+            kind = backend.kind
+            root = getattr(getattr(backend, "inner", backend), "root", None)
+            if kind == "local" and root is not None:
+                # a local store is Cinder's backup_posix_path: CONTAINER is a directory
+                found = [b for b in cinder_format.discover(
+                    cinder_format.posix_tree(root), nested=True, on_problem=problem)
+                    if b.directory == container.strip("/") + "/"]
+                problems = [p for p in problems if p.startswith(container.strip("/") + "/")]
+            else:
+                found = cinder_format.discover(backend.open(container, create=False),
+                                               on_problem=problem)
+    except (StoreError, EngineError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    service = backup_service or driver_for_store(kind)
+    if dry_run:
+        for b in found:
+            click.echo(f"{b.id}  {b.container}  parent={b.parent_id or '-'}  "
+                       f"{len(b.objects)} objects  {b.name or ''}")
+        for line in problems:
+            click.echo(line, err=True)
+        return
+    client = Credentials(url, token, cloud).client()
+    imported: set[str] = set()
+    failed = len(problems)
+    for line in problems:
+        click.echo(line, err=True)
+    for b in found:
+        why = None
+        if b.parent_id and b.parent_id not in imported:
+            why = f"its parent backup {b.parent_id} was not imported"
+        else:
+            resp = client.http.post(f"{client.base}/backups/import_record", json={
+                "backup-record": record_from_metadata(b, service)})
+            if resp.status_code != 201:
+                try:
+                    why = next(iter(resp.json().values()))["message"]
+                except (ValueError, StopIteration, KeyError, TypeError, AttributeError):
+                    why = f"{resp.status_code} {resp.text.strip()}"
+            else:
+                item = _wait_import(client, b.id)
+                if item["status"] != "available":
+                    why = item.get("fail_reason") or f"status {item['status']}"
+        if why is None:
+            imported.add(b.id)
+            click.echo(f"{b.id}: imported ({b.container}, {b.name or 'unnamed'})")
+        else:
+            failed += 1
+            click.echo(f"{b.id}: not imported: {why}", err=True)
+    click.echo(f"{len(imported)} imported, {failed} not imported", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _wait_import(client: Client, backup_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        item = client.call("GET", f"/backups/{backup_id}")["backup"]
+        if item["status"] != "creating" or time.monotonic() > deadline:
+            return item
+        time.sleep(0.2)
+
+
 main.add_command(__import__("blockvault.policy_cli").policy_cli.policy_command)
 
 if __name__ == "__main__":  # pragma: no cover

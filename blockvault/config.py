@@ -99,6 +99,11 @@ class Settings:
     s3_access_key: str = ""
     s3_secret_key: str = field(default="", repr=False)
     s3_addressing_style: str = "path"
+    #: where the objects of backups imported from Cinder's records are read: a TOML table
+    #: ``[cinder_store]`` with the store keys above (``store``, ``local_store_dir``,
+    #: ``swift_*``, ``s3_*``; env BLOCKVAULT_CINDER_STORE as JSON), opened read-only
+    #: (docs/migration.md). Empty: the store configured above. Holds credentials: no repr.
+    cinder_store: dict[str, Any] = field(default_factory=dict, repr=False)
     store_retry_attempts: int = 10
     store_retry_budget: float = 60.0
     store_pool_size: int = 8
@@ -209,6 +214,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     if config_file:
         with open(config_file, "rb") as f:
             data = tomllib.load(f)
+        # a [cinder_store] table next to [blockvault] (out before the tables below rebuild
+        # ``data`` from [blockvault])
+        cinder_table = data.pop("cinder_store", None) if "blockvault" in data else None
         if "blockvault" in data and "keystone_authtoken" in data:
             # [keystone_authtoken] next to [blockvault], as in an OpenStack service's file
             data = {**data["blockvault"], "keystone_authtoken": data["keystone_authtoken"]}
@@ -216,6 +224,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             # [backends.NAME] tables next to [blockvault]
             data = {**data["blockvault"], "backends": data["backends"]}
         data = data.get("blockvault", data)
+        if cinder_table is not None:
+            data = {**data, "cinder_store": cinder_table}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown option(s) in {config_file}: {', '.join(unknown)}")

@@ -41,7 +41,7 @@ from blockvault.service.schedules import ScheduleService
 from blockvault.service.tasks import Tasks
 from blockvault.service.volumes import VolumeService
 from blockvault.store import Backend
-from blockvault.store.factory import backup_service_name, make_backend
+from blockvault.store.factory import backup_service_name, make_backend, make_cinder_backend
 from blockvault.volume.backends import Backends
 
 log = logging.getLogger("blockvault")
@@ -128,6 +128,7 @@ class Services:
             host=self.backends.host_name,
             gc_grace=settings.gc_grace,
             metrics=self.metrics.jobs,
+            cinder_store=make_cinder_backend(settings, observer=self.metrics.store),
         )
         self.metrics.state.job_kinds = tuple(tasks.handlers())
         self.runner = JobRunner(

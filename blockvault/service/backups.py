@@ -21,6 +21,10 @@ from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, Job, utcnow
 from blockvault.db.session import Database
+from blockvault.service.cinder_records import check_parent as check_cinder_parent
+from blockvault.service.cinder_records import check_record as check_cinder_record
+from blockvault.service.cinder_records import export_record as cinder_export_record
+from blockvault.service.cinder_records import is_cinder, is_cinder_service
 from blockvault.service.context import RequestContext
 from blockvault.service.errors import (
     Invalid,
@@ -508,6 +512,8 @@ class BackupService:
                 raise invalid_backup(
                     f"Backup status must be available and not {backup.status}."
                 )
+            if is_cinder(backup):  # Cinder's record again, as Cinder exports it
+                return cinder_export_record(backup)
             record = backup_record(backup)
         url = base64.b64encode(json.dumps(record).encode()).decode("ascii")
         return {"backup_service": backup.service or self.service_name, "backup_url": url}
@@ -538,7 +544,12 @@ class BackupService:
             raise invalid_input(
                 f"Backup record size must be an integer from 0 to {DB_MAX_INT}."
             )
+        cinder = is_cinder_service(backup_service)
+        if cinder:  # a record Cinder's chunked driver wrote (blockvault.service.cinder_import)
+            check_cinder_record(backup_service, record)
         with self.db.session() as s:
+            if cinder:
+                check_cinder_parent(s, ctx, record)
             # Case-insensitive, as Cinder's MySQL compares: a row stored in another case
             # before ids were made canonical is still this backup.
             existing = s.scalars(

@@ -32,6 +32,8 @@ from blockvault.service.backups import (
     parse_record_datetime,
     set_backup_status,
 )
+from blockvault.service.cinder_import import CinderBackups, CinderStore, is_dedup_parent
+from blockvault.service.cinder_records import CINDER_DRIVERS, is_cinder, is_cinder_service
 from blockvault.service.jobs import (
     DurableWriter,
     attempt_is_current,
@@ -42,6 +44,7 @@ from blockvault.service.jobs import (
 )
 from blockvault.service.volumes import as_backends, disk_of, set_volume_status
 from blockvault.store import (
+    Backend,
     ObjectNotFound,
     StoreError,
     StoreFull,
@@ -131,8 +134,13 @@ class Tasks:
         host: str,
         gc_grace: float = 3600.0,
         metrics: JobMetrics | None = None,
+        cinder_store: Backend | None = None,
     ) -> None:
         self.db = db
+        #: backups imported from Cinder's records, read where Cinder wrote them
+        #: (``cinder_store``: the [cinder_store] setting's backend; default the engine's)
+        self.cinder = CinderBackups(db, CinderStore(cinder_store or engine.backend),
+                                    availability_zone)
         #: counts what the handlers do (GET /metrics); an unregistered one by default
         self.metrics = metrics or JobMetrics(None)
         self.engine = engine
@@ -265,6 +273,8 @@ class Tasks:
         """A job reached a final state: discard what its other attempts wrote."""
         if job.kind not in ("create", "import") or not job.tokens:
             return
+        if is_cinder_service(job.params.get("backup_service")):
+            return  # nothing was written: a Cinder import reads Cinder's objects in place
         with self.db.session() as s:
             backup = s.get(Backup, job.backup_id)
             container = backup.container if backup is not None else None
@@ -305,7 +315,8 @@ class Tasks:
                 dependent_of = backup.parent_id
                 parent = s.get(Backup, backup.parent_id) if backup.parent_id else None
                 parent_ref = parent_sid = None
-                if parent is not None and parent.container == container and not parent.deleted:
+                if (is_dedup_parent(parent) and parent.container == container
+                        and not parent.deleted):
                     parent_ref = Parent(parent.id, parent.data_timestamp or parent.created_at)
                     parent_sid = backup_storage_id(parent)
                 size = backup.size * GiB
@@ -426,6 +437,9 @@ class Tasks:
                 container = backup.container or self.default_container
                 sid = backup_storage_id(backup)
                 disk, backend_name = disk_of(vol), vol.backend
+                # Cinder's format: read by the backup's id (its chain is in the DB)
+                engine: Any = self.cinder if is_cinder(backup) else self.engine
+                sid = backup.id if is_cinder(backup) else sid
         if not ready:
             self.driver.changes(job.volume_id).invalidate()  # as a raw restore would
             self._final(job, lambda s: set_volume_status(
@@ -442,7 +456,7 @@ class Tasks:
             # (raw: the target's bytes are about to change behind its change map)
             with self.backends.get(backend_name).open_restore(disk) as target:
                 try:
-                    self.engine.restore(
+                    engine.restore(
                         container=container,
                         backup_id=sid,
                         target=target.target,
@@ -498,18 +512,22 @@ class Tasks:
             if ready:
                 container = backup.container
                 sid = backup_storage_id(backup)
+                engine: Any = self.cinder if is_cinder(backup) else self.engine
+                sid = backup.id if is_cinder(backup) else sid
                 # What earlier attempts of this backup's create/import may have left.
                 leftovers: set[str] = set()
                 for tokens in s.scalars(select(Job.tokens).where(
                         Job.backup_id == job.backup_id, Job.kind.in_(("create", "import")))):
                     leftovers.update(attempt_storage_ids(job.backup_id, tokens))
                 leftovers.discard(sid)
+                if is_cinder(backup):  # an import of a Cinder record wrote nothing
+                    leftovers.clear()
         if not ready:
             self._final(job)
             return
         try:
             if container:
-                collected = self.engine.delete(container=container, backup_id=sid)
+                collected = engine.delete(container=container, backup_id=sid)
                 for other in sorted(leftovers):
                     self.engine.discard(container=container, backup_id=other)
                 if collected is not True:  # condemned packs wait for the grace period
@@ -546,7 +564,9 @@ class Tasks:
         """At start-up: a collection before the restart may have left packs condemned."""
         with self.db.session() as s:
             containers = set(s.scalars(select(Backup.container).where(
-                Backup.container.is_not(None)).distinct()))
+                Backup.container.is_not(None),
+                # Cinder's containers hold no blockvault data to collect
+                Backup.service.is_(None) | Backup.service.not_in(CINDER_DRIVERS)).distinct()))
         for c in containers:
             self._owe_gc(c, self.gc_grace)
 
@@ -578,6 +598,9 @@ class Tasks:
     def import_record(self, job: Job) -> None:
         record: dict[str, Any] = job.params["record"]
         service = job.params.get("backup_service") or ""
+        if is_cinder_service(service):  # Cinder's own record: its objects are used in place
+            self.cinder.import_record(job, self._final, self._failed, fail_reason)
+            return
         if not self.service_name.startswith(service):
             self._failed(job, "Import record failed, cannot find backup service to perform "
                               f"the import. Request service {service}.")
@@ -685,7 +708,8 @@ class Tasks:
         changed. Best effort: the DB stays the truth and export_record reads it."""
         with self.db.session() as s:
             backup = s.get(Backup, job.backup_id)
-            if backup is None or backup.status != "available" or not backup.container:
+            if (backup is None or backup.status != "available" or not backup.container
+                    or is_cinder(backup)):  # Cinder's container is not written to
                 return
             record = backup_record(backup)
             container, sid = backup.container, backup_storage_id(backup)
@@ -703,9 +727,12 @@ class Tasks:
             backup = s.get(Backup, job.backup_id)
             container = backup.container if backup is not None else None
             sid = backup_storage_id(backup) if backup is not None else job.backup_id
+            cinder = is_cinder(backup)
         if not container:
             report = {"ok": False, "checked_blocks": 0, "missing": [], "corrupt": [],
                       "error": "the backup holds no data to verify"}
+        elif cinder:  # Cinder's format: md5 per object, SHA-256 per block
+            report = self._verify_report(container, job.backup_id, self.cinder)
         else:
             report = self._verify_report(container, sid)
         self.metrics.verified("backup", bool(report["ok"]))
@@ -719,9 +746,10 @@ class Tasks:
         self._final(job, lambda s: s.execute(
             update(Job).where(Job.id == job.id).values(result=report)))
 
-    def _verify_report(self, container: str, backup_id: str | None) -> dict:
+    def _verify_report(self, container: str, backup_id: str | None,
+                       engine: Any = None) -> dict:
         try:
-            rep = self.engine.verify(container=container, backup_id=backup_id)
+            rep = (engine or self.engine).verify(container=container, backup_id=backup_id)
         except (StoreError, EngineError) as exc:
             log.warning("verify of %s in %s failed: %s", backup_id or "every backup",
                         container, exc)

@@ -98,6 +98,33 @@ def make_backend(settings: Any, observer: StoreObserver = NO_OBSERVER) -> Backen
     )
 
 
+def make_cinder_backend(settings: Any, observer: StoreObserver = NO_OBSERVER) -> Backend | None:
+    """The store named by the ``cinder_store`` table (where backups imported from Cinder's
+    records are read; blockvault.service.cinder_import opens it read-only), or None when
+    there is none: Cinder's objects are then in the main store. Keys the table leaves out
+    are the main store's retry settings; it names its own store kind and credentials."""
+    table = dict(_get(settings, "cinder_store", None) or {})
+    if not table:
+        return None
+    unknown = sorted(set(table) - _STORE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown option(s) in cinder_store: {', '.join(unknown)}")
+    from types import SimpleNamespace
+
+    retry = {k: _get(settings, k) for k in ("store_retry_attempts", "store_retry_budget")}
+    return make_backend(SimpleNamespace(**{**retry, **table}), observer)
+
+
+#: the settings a ``cinder_store`` table may hold (those of the main store)
+_STORE_KEYS = frozenset({
+    "store", "local_store_dir", "swift_auth_url", "swift_user", "swift_key",
+    "swift_auth_version", "swift_project_name", "swift_user_domain_name",
+    "swift_project_domain_name", "swift_region_name", "swift_insecure", "s3_endpoint_url",
+    "s3_region", "s3_access_key", "s3_secret_key", "s3_addressing_style",
+    "store_retry_attempts", "store_retry_budget", "store_pool_size",
+})
+
+
 def backup_service_name(kind: str) -> str:
     """The Cinder ``service`` value reported for backups stored in ``kind``."""
     if kind == "local":
