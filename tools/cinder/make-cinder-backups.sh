@@ -13,6 +13,9 @@
 #   CINDER_PIP_SPEC [cinder==29.0.0]   what to pip install (the venv is rebuilt when it changes)
 #   CINDER_VENV [${BLOCKVAULT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/blockvault}/cinder-venv-<spec, e.g. cinder__29.0.0>]
 #   CINDER_BASE_PYTHON [/usr/bin/python3]   the interpreter the venv is made from
+#   CINDER_SWIFTCLIENT_SPEC [python-swiftclient>=4.5,<5]   installed into the venv when
+#       --driver swift is asked for (Cinder's SwiftBackupDriver needs it; cinder's wheel
+#       does not depend on it)
 #
 # Facts learned getting this to run (keep them):
 #  1. Cinder's backup objects need its database: the writer makes a SQLite file with Cinder's
@@ -61,6 +64,16 @@ if [ "$(cat "$VENV/.blockvault-pip-spec" 2>/dev/null)" != "$PIP_SPEC" ] ||
         { tail -n 30 "$OUT_DIR/import.log" >&2; die "cinder installed but does not import"; }
     echo "$PIP_SPEC" >"$VENV/.blockvault-pip-spec"
 fi
+case " $* " in
+    *" --driver swift "*|*" --driver=swift "*)
+        if ! "$VENV/bin/python" -c 'import swiftclient' 2>/dev/null; then
+            SWIFTCLIENT_SPEC=${CINDER_SWIFTCLIENT_SPEC:-python-swiftclient>=4.5,<5}
+            log "pip installing $SWIFTCLIENT_SPEC into $VENV (Cinder's swift driver)"
+            "$VENV/bin/python" -m pip install -q "$SWIFTCLIENT_SPEC" >"$OUT_DIR/pip-swift.log" 2>&1 ||
+                { tail -n 30 "$OUT_DIR/pip-swift.log" >&2; die "pip install $SWIFTCLIENT_SPEC failed"; }
+        fi
+        ;;
+esac
 exec 8>&-
 
 exec "$VENV/bin/python" -W ignore "$SCRIPT_DIR/write_backups.py" "$OUT_DIR" "$@"

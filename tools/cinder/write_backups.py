@@ -43,12 +43,13 @@ SHA_BLOCK = 32768
 KIB = 1024
 
 
-def _configure(work: str, posix_path: str, file_size: int) -> None:
+def _configure(work: str, posix_path: str, file_size: int, swift: dict | None = None) -> None:
     import oslo_messaging
 
     # importing these registers the options set below
     from cinder.backup import chunkeddriver  # noqa: F401
     from cinder.backup.drivers import posix  # noqa: F401
+    from cinder.backup.drivers import swift as swift_driver  # noqa: F401
     from cinder.common import config  # noqa: F401
     from cinder.db import api  # noqa: F401
     from oslo_config import cfg
@@ -67,6 +68,18 @@ def _configure(work: str, posix_path: str, file_size: int) -> None:
     conf.set_override("backup_sha_block_size_bytes", SHA_BLOCK)
     # the timer would need a running eventlet hub; notifications per object still go out
     conf.set_override("backup_enable_progress_timer", False)
+    if swift:
+        # one tempauth account for every backup (Cinder's "single_user" mode), objects of
+        # backup_file_size as for posix
+        conf.set_override("backup_swift_auth", "single_user")
+        conf.set_override("backup_swift_auth_url", swift["auth_url"])
+        conf.set_override("backup_swift_auth_version", "1")
+        conf.set_override("backup_swift_user", swift["user"])
+        conf.set_override("backup_swift_key", swift["key"])
+        conf.set_override("backup_swift_object_size", file_size)
+        conf.set_override("backup_swift_block_size", SHA_BLOCK)
+        conf.set_override("backup_swift_retry_attempts", 1)
+        conf.set_override("backup_swift_container", swift["container"])
 
 
 def _init_cinder() -> None:
@@ -143,7 +156,7 @@ def _changes_2(path: str, size: int, file_size: int, rng: random.Random) -> list
 
 
 def _backup(ctxt, driver, volume_id: str, image: str, container: str | None,
-            parent_id: str | None, name: str) -> dict:
+            parent_id: str | None, name: str, service: str) -> dict:
     from cinder import objects
     from cinder.db import api as db
     from cinder.objects import fields
@@ -160,7 +173,7 @@ def _backup(ctxt, driver, volume_id: str, image: str, container: str | None,
         "status": fields.BackupStatus.CREATING,
         "display_name": name,
         "display_description": "written by Cinder's PosixBackupDriver for blockvault's tests",
-        "service": "cinder.backup.drivers.posix.PosixBackupDriver",
+        "service": service,
         "availability_zone": "nova",
     })
     backup = objects.Backup.get_by_id(ctxt, backup_id)
@@ -204,6 +217,13 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=2 * 1024 * 1024 + 12 * KIB,
                     help="bytes of each volume image (the last hash block may be partial)")
     ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--driver", choices=("posix", "swift"), default="posix",
+                    help="swift: Cinder's SwiftBackupDriver against --swift-auth-url "
+                         "(tempauth, v1), into --swift-container")
+    ap.add_argument("--swift-auth-url", default="")
+    ap.add_argument("--swift-user", default="test:tester")
+    ap.add_argument("--swift-key", default="testing")
+    ap.add_argument("--swift-container", default="volumebackups")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -212,11 +232,16 @@ def main() -> int:
     for d in (work, posix_path, images):
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-    _configure(work, posix_path, args.file_size)
+    swift = None
+    if args.driver == "swift":
+        swift = {"auth_url": args.swift_auth_url, "user": args.swift_user,
+                 "key": args.swift_key, "container": args.swift_container}
+    _configure(work, posix_path, args.file_size, swift)
     _init_cinder()
 
     from cinder import context
     from cinder.backup.drivers import posix
+    from cinder.backup.drivers import swift as swift_driver
     from cinder.db import api as db
     from cinder.volume import volume_types
     from oslo_config import cfg
@@ -226,10 +251,17 @@ def main() -> int:
     vt = volume_types.get_default_volume_type()
     rng = random.Random(args.seed)
     result = {"cinder_version": _cinder_version(), "backup_posix_path": posix_path,
-              "sha_block_size": SHA_BLOCK, "file_size": args.file_size, "chains": {}}
+              "sha_block_size": SHA_BLOCK, "file_size": args.file_size, "chains": {},
+              "driver": args.driver}
+    if swift:
+        service = "cinder.backup.drivers.swift.SwiftBackupDriver"
+        result["swift_container"] = args.swift_container
+    else:
+        service = "cinder.backup.drivers.posix.PosixBackupDriver"
     for algo in [a for a in args.algorithms.split(",") if a]:
         cfg.CONF.set_override("backup_compression_algorithm", algo)
-        driver = posix.PosixBackupDriver(ctxt)
+        driver = (swift_driver.SwiftBackupDriver(ctxt) if swift
+                  else posix.PosixBackupDriver(ctxt))
         volume_id = str(uuid.uuid4())
         db.volume_create(ctxt, {"id": volume_id, "size": 1, "status": "available",
                                 "volume_type_id": vt["id"], "display_name": f"vol-{algo}",
@@ -240,13 +272,15 @@ def main() -> int:
         _initial_image(image, args.image_size, rng)
         # bz2 uses Cinder's default container (one directory per backup, nested by id);
         # the others a named container shared by the whole chain
-        container = None if algo == "bz2" else "volumebackups"
+        container = None if algo == "bz2" else (args.swift_container if swift
+                                                else "volumebackups")
         chain = []
         steps = [("full", None, None), ("inc1", _changes_1, None), ("inc2", _changes_2, None)]
         for name, change, _ in steps:
             writes = change(image, args.image_size, args.file_size, rng) if change else []
             parent = chain[-1]["id"] if chain else None
-            b = _backup(ctxt, driver, volume_id, image, container, parent, f"{algo}-{name}")
+            b = _backup(ctxt, driver, volume_id, image, container, parent, f"{algo}-{name}",
+                        service)
             b["writes"] = writes
             b["algorithm"] = algo
             shutil.copyfile(image, os.path.join(images, b["id"] + ".img"))
