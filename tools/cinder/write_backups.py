@@ -22,6 +22,11 @@ OUT_DIR/backups.json) lists, per backup, its row as Cinder exports it (``record`
 ``objects.Backup.encode_record`` as ``export_record`` does), its container, object prefix
 (``service_metadata``), parent and the size/sha256 of the volume image at that point.
 The image of each point is kept as OUT_DIR/images/<backup id>.img.
+
+``--driver swift`` drives ``cinder.backup.drivers.swift.SwiftBackupDriver`` instead, against a
+real Swift (tempauth v1, Cinder's ``single_user`` mode: ``--swift-auth-url``,
+``--swift-user``, ``--swift-key``), into ``--swift-container`` (bz2's chain too: Cinder's
+swift driver has no per-backup default container).
 """
 
 from __future__ import annotations
