@@ -26,6 +26,11 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     #: SQLAlchemy URL of the metadata DB; empty means SQLite in data_dir.
     database_url: str = ""
+    #: DB connections each process keeps open once opened: as many as requests run at once
+    #: (the API runs them in a pool of 40 threads), so none is opened per request
+    db_pool_size: int = 40
+    #: DB connections opened beyond db_pool_size under a burst (closed when returned)
+    db_max_overflow: int = 10
     #: "noauth" (token user:project, loopback only), "apikey" (keys made with
     #: ``blockvault apikey create``) or "keystone" (docs/auth.md)
     auth_strategy: str = "noauth"

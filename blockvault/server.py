@@ -82,7 +82,8 @@ class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(settings.db_url)
+        self.db = Database(settings.db_url, pool_size=settings.db_pool_size,
+                           max_overflow=settings.db_max_overflow)
         self.db.upgrade()
         self.auth = make_authenticator(settings, self.db)
         self.policy = policy.configure(policy_path(settings))
@@ -180,7 +181,7 @@ class Services:
     def quota_view(self, ctx: RequestContext, target: str) -> tuple[dict, dict]:
         # Cinder's target is the quota's project: a reader sees its own, an admin any.
         ctx.authorize("volume_extension:quotas:show", {"project_id": target})
-        with self.db.session() as s:
+        with self.db.reader() as s:
             return self.quotas.limits(s, target), self.quotas.usage(s, target)
 
     def quota_defaults(self, ctx: RequestContext, target: str) -> dict[str, int]:
@@ -192,7 +193,7 @@ class Services:
     def used_limits(self, ctx: RequestContext) -> tuple[dict, dict]:
         """The caller's own limits and usage (``/limits``)."""
         ctx.authorize("limits_extension:used_limits")
-        with self.db.session() as s:
+        with self.db.reader() as s:
             return (self.quotas.limits(s, ctx.project_id),
                     self.quotas.usage(s, ctx.project_id))
 

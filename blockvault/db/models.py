@@ -75,6 +75,25 @@ class Base(DeclarativeBase):
     pass
 
 
+def list_index(name: str, equal: tuple[str, ...], order: tuple[str, ...]) -> tuple[Index, Index]:
+    """An index in a list's order (migration 0008): equality columns, then the sort columns.
+
+    Lists page in Cinder's order, NULLs first going up and last going down. On PostgreSQL
+    that is an index of ``DESC NULLS LAST`` columns read forwards (desc) or backwards (asc);
+    SQLite's plain ascending index orders NULLs that way already (and takes no NULLS clause).
+    """
+    return (
+        Index(name, *equal, *order).ddl_if(dialect="sqlite"),
+        Index(name, *equal, *[text(f"{c} DESC NULLS LAST") for c in order]
+              ).ddl_if(dialect="postgresql"),
+    )
+
+
+#: what every list filters on and pages by (blockvault.service.listing)
+LIST_SCOPE = ("project_id", "deleted")
+LIST_ORDER = ("created_at", "id")
+
+
 class Volume(Base):
     __tablename__ = "volumes"
 
@@ -113,11 +132,13 @@ class Volume(Base):
         # one live volume per disk (migration 0006)
         Index("ix_volumes_backend_location", "backend", "provider_location", unique=True,
               sqlite_where=text("NOT deleted"), postgresql_where=text("NOT deleted")),
+        *list_index("ix_volumes_list", LIST_SCOPE, LIST_ORDER),
     )
 
 
 class Snapshot(Base):
     __tablename__ = "snapshots"
+    __table_args__ = (*list_index("ix_snapshots_list", LIST_SCOPE, LIST_ORDER),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(String(255), index=True)
@@ -136,7 +157,15 @@ class Snapshot(Base):
 
 class Backup(Base):
     __tablename__ = "backups"
-    __table_args__ = (Index("ix_backups_project_deleted", "project_id", "deleted"),)
+    __table_args__ = (
+        # the default list, one per filter a non-admin may use (name also serves
+        # sort=name), and an admin's all-projects list (migration 0008)
+        *list_index("ix_backups_list", LIST_SCOPE, LIST_ORDER),
+        *list_index("ix_backups_list_status", (*LIST_SCOPE, "status"), LIST_ORDER),
+        *list_index("ix_backups_list_volume", (*LIST_SCOPE, "volume_id"), LIST_ORDER),
+        *list_index("ix_backups_list_name", LIST_SCOPE, ("display_name", *LIST_ORDER)),
+        *list_index("ix_backups_list_all", ("deleted",), LIST_ORDER),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(String(255))
@@ -183,6 +212,7 @@ class Schedule(Base):
     """
 
     __tablename__ = "backup_schedules"
+    __table_args__ = (*list_index("ix_backup_schedules_list", LIST_SCOPE, LIST_ORDER),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(String(255), index=True)

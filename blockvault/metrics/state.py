@@ -67,7 +67,7 @@ class StateCollector(Collector):
         started = time.perf_counter()
         families: list[Metric] = []
         try:
-            with self.db.session() as s:
+            with self.db.reader() as s:
                 families += self._backups_and_volumes(s)
                 families += self._containers(s)
                 families += self._jobs(s)

@@ -119,7 +119,7 @@ def check(db: Database, token: str) -> Identity | Refusal:
     if not match:
         return Refusal("not an API key")
     key_id, secret = match.groups()
-    with db.session() as s:
+    with db.reader() as s:
         row = s.get(ApiKey, key_id)
         if row is None:
             return Refusal(f"unknown key {key_id}")
@@ -136,7 +136,7 @@ def check(db: Database, token: str) -> Identity | Refusal:
 
 
 def list_keys(db: Database, project_id: str | None = None) -> list[KeyInfo]:
-    with db.session() as s:
+    with db.reader() as s:
         query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
         if project_id is not None:
             query = query.where(ApiKey.project_id == project_id)

@@ -158,19 +158,19 @@ class BackupService:
     # -- read ---------------------------------------------------------------------------
 
     def get(self, ctx: RequestContext, backup_id: str) -> Backup:
-        with self.db.session() as s:
+        with self.db.reader() as s:
             backup = visible_backup(s, ctx, backup_id)
             ctx.authorize("backup:get", backup)
             return backup
 
     def list(self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]) -> Page:
         ctx.authorize("backup:get_all")
-        with self.db.session() as s:
+        with self.db.reader() as s:
             return list_resources(s, ctx, BACKUP_LIST, params, version, self.max_limit)
 
     def progress(self, ctx: RequestContext, backup_id: str) -> dict[str, Any]:
         """How far the latest create/restore/delete/import of a backup has got."""
-        with self.db.session() as s:
+        with self.db.reader() as s:
             backup = visible_backup(s, ctx, backup_id)
             ctx.authorize("backup:get", backup)
             job = s.scalars(
@@ -207,7 +207,7 @@ class BackupService:
 
     def verification(self, ctx: RequestContext, backup_id: str) -> Job | None:
         """The latest verify job of a backup, if any."""
-        with self.db.session() as s:
+        with self.db.reader() as s:
             ctx.authorize("backup:get", visible_backup(s, ctx, backup_id))
             return s.scalars(
                 select(Job)
@@ -232,7 +232,7 @@ class BackupService:
 
     def container_verification(self, ctx: RequestContext, verification_id: str) -> Job:
         ctx.authorize("blockvault:container:verify")
-        with self.db.session() as s:
+        with self.db.reader() as s:
             job = s.get(Job, verification_id)
             if job is None or job.kind != "verify_container":
                 raise NotFound(f"Container verification {verification_id} could not be found.")
@@ -504,7 +504,7 @@ class BackupService:
             backup.status, backup.updated_at = status, utcnow()
 
     def export_record(self, ctx: RequestContext, backup_id: str) -> dict[str, str]:
-        with self.db.session() as s:
+        with self.db.reader() as s:
             # Lookup, then policy, then status, in Cinder's order (see reset_status).
             backup = visible_backup(s, ctx, backup_id)
             ctx.authorize("backup:export-import", backup)

@@ -166,7 +166,7 @@ class Overview:
 
 def overview(db: Database, ctx: RequestContext, scope: Scope) -> Overview:
     """Everything the dashboard page shows, read in one transaction."""
-    with db.session() as s:
+    with db.reader() as s:
         return Overview(
             scope=scope,
             backups=_backups(s, scope),
@@ -185,7 +185,7 @@ def overview(db: Database, ctx: RequestContext, scope: Scope) -> Overview:
 
 def running_jobs(db: Database, scope: Scope) -> list[JobRow]:
     """Queued and running jobs with their progress (what the page polls)."""
-    with db.session() as s:
+    with db.reader() as s:
         return _jobs(s, scope)
 
 
@@ -194,7 +194,9 @@ def running_jobs(db: Database, scope: Scope) -> list[JobRow]:
 
 def _backups(s: Session, scope: Scope) -> list[BackupRow]:
     stmt = _in_scope(select(Backup).where(Backup.deleted.is_(False)), Backup.project_id, scope)
-    rows = s.scalars(stmt.order_by(Backup.created_at.desc(), Backup.id).limit(MAX_BACKUPS))
+    # the order of the list indexes (ix_backups_list, _all): no sort of the whole scope
+    rows = s.scalars(stmt.order_by(Backup.created_at.desc().nulls_last(),
+                                   Backup.id.desc().nulls_last()).limit(MAX_BACKUPS))
     return [
         BackupRow(
             id=b.id, project_id=b.project_id, name=b.display_name, volume_id=b.volume_id,

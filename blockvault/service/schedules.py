@@ -170,7 +170,7 @@ def prune(backups: BackupService, db: Database, ctx: RequestContext, plan: Forge
     waiting: set[str] = set()
     while left or waiting:
         if waiting:
-            with db.session() as s:
+            with db.reader() as s:
                 gone = set(s.scalars(select(Backup.id).where(Backup.id.in_(waiting),
                                                              Backup.deleted.is_(True))))
             waiting -= gone
@@ -217,18 +217,20 @@ class ScheduleService:
     # -- read ---------------------------------------------------------------------------
 
     def get(self, ctx: RequestContext, schedule_id: str) -> Schedule:
-        with self.db.session() as s:
+        with self.db.reader() as s:
             found = visible_schedule(s, ctx, schedule_id)
             ctx.authorize("blockvault:backup_schedule:get", found)
             return found
 
     def list(self, ctx: RequestContext, all_tenants: bool = False) -> list[Schedule]:
         ctx.authorize("blockvault:backup_schedule:get_all")
-        with self.db.session() as s:
+        with self.db.reader() as s:
             stmt = select(Schedule).where(Schedule.deleted.is_(False))
             if not (ctx.is_admin and all_tenants):
                 stmt = stmt.where(Schedule.project_id == ctx.project_id)
-            stmt = stmt.order_by(Schedule.created_at.desc(), Schedule.id).limit(self.max_limit)
+            # ties newest id first: the order ix_backup_schedules_list holds
+            stmt = stmt.order_by(Schedule.created_at.desc().nulls_last(),
+                                 Schedule.id.desc().nulls_last()).limit(self.max_limit)
             return list(s.scalars(stmt))
 
     # -- write --------------------------------------------------------------------------

@@ -72,11 +72,14 @@ def visible_volume(s: Session, ctx: RequestContext, volume_id: str, lock: bool =
     return vol
 
 
-def visible_snapshot(s: Session, ctx: RequestContext, snapshot_id: str) -> Snapshot:
+def visible_snapshot(s: Session, ctx: RequestContext, snapshot_id: str,
+                     lock: bool = True) -> Snapshot:
     stmt = select(Snapshot).where(Snapshot.id == snapshot_id, Snapshot.deleted.is_(False))
     if not ctx.is_admin:
         stmt = stmt.where(Snapshot.project_id == ctx.project_id)
-    snap = s.scalars(stmt.with_for_update()).first()
+    if lock:  # a read-only transaction may not lock (PostgreSQL refuses FOR UPDATE there)
+        stmt = stmt.with_for_update()
+    snap = s.scalars(stmt).first()
     if snap is None:
         raise NotFound(f"Snapshot {snapshot_id} could not be found.")
     return snap
@@ -357,7 +360,7 @@ class VolumeService:
         if not host:
             raise invalid_input("Missing required host parameter (HOST@BACKEND#POOL).")
         backend = self.backend_of(host)
-        with self.db.session() as s:
+        with self.db.reader() as s:
             managed = dict(
                 s.execute(
                     select(Volume.provider_location, Volume.id).where(
@@ -371,7 +374,7 @@ class VolumeService:
     def pools(self, ctx: RequestContext) -> list[tuple[str, dict[str, Any]]]:
         """Each backend's one pool as Cinder's get_pools shows it: name and capabilities."""
         ctx.authorize("scheduler_extension:scheduler_stats:get_pools")
-        with self.db.session() as s:
+        with self.db.reader() as s:
             allocated = dict(
                 s.execute(
                     select(Volume.backend, func.coalesce(func.sum(Volume.size), 0))
@@ -410,14 +413,14 @@ class VolumeService:
         return self.backends.host(vol.backend)
 
     def get(self, ctx: RequestContext, volume_id: str, rule: str = "volume:get") -> Volume:
-        with self.db.session() as s:
+        with self.db.reader() as s:
             vol = visible_volume(s, ctx, volume_id)
             ctx.authorize(rule, vol)
             return vol
 
     def list(self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]) -> Page:
         ctx.authorize("volume:get_all")
-        with self.db.session() as s:
+        with self.db.reader() as s:
             return list_resources(s, ctx, VOLUME_LIST, params, version, self.max_limit)
 
     def update(self, ctx: RequestContext, volume_id: str, changes: dict[str, Any]) -> Volume:
@@ -518,7 +521,7 @@ class VolumeService:
     # (blockvault: a data write runs) or in maintenance. Metadata counts against no quota.
 
     def get_metadata(self, ctx: RequestContext, volume_id: str) -> dict[str, str]:
-        with self.db.session() as s:
+        with self.db.reader() as s:
             vol = visible_volume(s, ctx, volume_id)
             ctx.authorize("volume:get", vol)
             ctx.authorize("volume:get_volume_metadata", vol)
@@ -656,8 +659,8 @@ class VolumeService:
         return snap
 
     def get_snapshot(self, ctx: RequestContext, snapshot_id: str) -> Snapshot:
-        with self.db.session() as s:
-            snap = visible_snapshot(s, ctx, snapshot_id)
+        with self.db.reader() as s:
+            snap = visible_snapshot(s, ctx, snapshot_id, lock=False)
             ctx.authorize("volume:get_snapshot", snap)
             return snap
 
@@ -665,7 +668,7 @@ class VolumeService:
         self, ctx: RequestContext, params: dict[str, str], version: tuple[int, int]
     ) -> Page:
         ctx.authorize("volume:get_all_snapshots")
-        with self.db.session() as s:
+        with self.db.reader() as s:
             return list_resources(s, ctx, SNAPSHOT_LIST, params, version, self.max_limit)
 
     def update_snapshot(self, ctx: RequestContext, snapshot_id: str, changes: dict) -> Snapshot:
