@@ -66,9 +66,11 @@ def serve(config_file: str | None, host: str | None, port: int | None, data_dir:
     # uvicorn's own handling would believe any local peer's X-Forwarded-Proto/-For.
     from blockvault.api.proxies import TrustedProxies
 
+    # loop/http "auto": uvloop and httptools (uvicorn[standard]) where installed, else
+    # asyncio and h11 — the same server, a fast event loop and HTTP parser when available.
     uvicorn.run(TrustedProxies(app, settings.trusted_proxies), host=settings.host,
                 port=settings.port, log_level=log_level, access_log=False,
-                proxy_headers=False)
+                proxy_headers=False, loop="auto", http="auto")
 
 
 # -- client ---------------------------------------------------------------------------------
