@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from blockvault.engine import DataError, Engine, EngineConfig, archiver
+from blockvault.engine.marks import read_marks
 from blockvault.store import Container, StoreError
 from blockvault.store.local import LocalBackend
 from tests.faults import LaggingBackend
@@ -387,4 +388,37 @@ def test_packs_not_listed_yet_are_not_taken_for_gone(tmp_path: Path) -> None:
     first = eng.backup(container="c", backup_id="a", source=src, size=size)
     again = eng.backup(container="c", backup_id="b", source=src, size=size)
     assert first.new_blocks > 0 and again.new_blocks == 0
+    assert restored(eng, "b", tmp_path / "o") == sha(src)
+
+
+def test_a_pack_swept_late_is_not_offered_after_its_mark_is_gone(tmp_path: Path) -> None:
+    """A sweep late in its mark's life, then the mark's removal, then a backup whose index
+    cache predates the mark: the listing still shows the swept pack (it lags deletes by
+    up to store_lag), and without the mark nothing says it is gone. Sweeps stop store_lag
+    before marks go, so the pack is either still there or no longer listed."""
+    grace, lag = 4.0, 1.5
+    root = tmp_path / "store"
+    backend = LaggingBackend(LocalBackend(root), lag)
+    eng = Engine(backend, tmp_path / "cache", EngineConfig(
+        pack_size=1 * MiB, workers=2, gc_grace=grace, store_lag=lag))
+    src = volume(tmp_path / "v")
+    size = src.stat().st_size
+    eng.backup(container="c", backup_id="a", source=src, size=size)  # the cache learns P
+    eng.delete(container="c", backup_id="a")
+    time.sleep(grace + 0.1)
+    eng.collect_garbage(container="c")  # condemns a's packs
+    time.sleep(lag)  # the mark is listed
+    c = backend.open("c", create=False)
+    crypto = eng._config(c, "c", create=False).crypto
+    (mark,) = read_marks(c, crypto)
+
+    def at_age(age: float) -> None:
+        time.sleep(max(0.0, mark.time + age - c.clock()))
+
+    at_age(2 * grace - lag + 0.4)  # late in the mark's life: a sweep here is the danger
+    eng.collect_garbage(container="c")
+    at_age(2 * grace + 0.05)
+    eng.collect_garbage(container="c")  # the mark goes
+    assert not read_marks(c, crypto)
+    eng.backup(container="c", backup_id="b", source=src, size=size)  # dedups if it may
     assert restored(eng, "b", tmp_path / "o") == sha(src)

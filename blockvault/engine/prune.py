@@ -79,9 +79,10 @@ def collect_garbage(engine: Engine, container: str, c: Container,
     (a delete, which should not wait for copying) a repack that is due only makes the
     result False, so that the service collects again later.
 
-    A mark's packs are deleted by every collection from ``gc_grace`` after the mark on
-    (those still unreferenced); the mark itself stays until ``2 * gc_grace``, so that a
-    backup's index sync and end check still see it after its packs are gone.
+    A mark's packs are deleted by the collections from ``gc_grace`` to ``2 * gc_grace -
+    store_lag`` after the mark (those still unreferenced); the mark itself stays until
+    ``2 * gc_grace``, so that a backup's index sync and end check still see it after its
+    packs are gone — also for the ``store_lag`` a listing may still show a deleted pack.
 
     Returns True when nothing waits for a later collection (no mark pending, no young
     unreferenced pack), False when one is due ``gc_grace`` seconds from now. Raises
@@ -113,7 +114,11 @@ def collect_garbage(engine: Engine, container: str, c: Container,
                 continue
             waiting = True
             condemned |= mark.packs
-            if age < grace:
+            # Not in the last store_lag of the mark's life: a listing may show a pack for
+            # that long after its delete, and once the mark is gone an index sync would
+            # take a pack so listed for one it may deduplicate against. A pack left here
+            # is condemned again by a later collection.
+            if age < grace or age >= 2 * grace - engine.config.store_lag:
                 continue
             for pack in mark.packs:
                 obj = pack_object(pack.hex())
