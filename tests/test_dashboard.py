@@ -107,7 +107,7 @@ def world(server):
         assert time.monotonic() < deadline, "verify never finished"
         time.sleep(0.1)
     schedule = _schedule(alice, name="nightly-web", volume_ids=[web], cron="30 2 * * *",
-                         timezone="Europe/Berlin", keep_daily=7)
+                         timezone="Europe/Berlin", full_every=7, keep_daily=7)
     vol = bob.create_volume(1, name="bob-vol")
     bob.write(vol, 0, os.urandom(MiB))
     bob_backup = bob.create_backup(vol, name="bob-secret-backup")

@@ -143,6 +143,7 @@ BAD = [
     ({"timezone": "Mars/Olympus_Mons"}, "Unknown time zone", True),
     ({"keep_daily": -1}, "keep_daily", True),
     ({"full_every": -2}, "full_every", True),
+    ({"keep_daily": 7}, "needs full_every of 1 or more", True),  # nothing could be pruned
     ({"volume_ids": []}, "at least one volume", True),
     ({"volume_metadata_key": "nightly"}, "exactly one of volume_ids", False),
     ({"volume_ids": None}, "exactly one of volume_ids", True),

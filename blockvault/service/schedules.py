@@ -373,6 +373,12 @@ class ScheduleService:
         for name in KEEP_FIELDS:
             if v.get(name) is not None and v[name] < 0:
                 raise invalid_input(f"{name} must be 0 or more.")
+        if v["full_every"] == 0 and any(v.get(name) for name in KEEP_FIELDS):
+            # Every backup would be the parent of the next: none could ever be pruned, and
+            # the policy would silently keep everything.
+            raise invalid_input("A retention policy needs full_every of 1 or more: with "
+                                "full_every 0 every backup is the parent of the next, so "
+                                "none could ever be deleted.")
 
     @staticmethod
     def _check_volumes(s: Session, ctx: RequestContext, ids: Iterable[str] | None) -> None:
