@@ -16,6 +16,8 @@
 #   CINDER_SWIFTCLIENT_SPEC [python-swiftclient>=4.5,<5]   installed into the venv when
 #       --driver swift is asked for (Cinder's SwiftBackupDriver needs it; cinder's wheel
 #       does not depend on it)
+#   CINDER_BOTO3_SPEC [boto3>=1.26,<2]   installed into the venv when --driver s3 is asked
+#       for (Cinder's S3BackupDriver needs it; cinder's wheel does not depend on it)
 #
 # Facts learned getting this to run (keep them):
 #  1. Cinder's backup objects need its database: the writer makes a SQLite file with Cinder's
@@ -71,6 +73,14 @@ case " $* " in
             log "pip installing $SWIFTCLIENT_SPEC into $VENV (Cinder's swift driver)"
             "$VENV/bin/python" -m pip install -q "$SWIFTCLIENT_SPEC" >"$OUT_DIR/pip-swift.log" 2>&1 ||
                 { tail -n 30 "$OUT_DIR/pip-swift.log" >&2; die "pip install $SWIFTCLIENT_SPEC failed"; }
+        fi
+        ;;
+    *" --driver s3 "*|*" --driver=s3 "*)
+        if ! "$VENV/bin/python" -c 'import boto3' 2>/dev/null; then
+            BOTO3_SPEC=${CINDER_BOTO3_SPEC:-boto3>=1.26,<2}
+            log "pip installing $BOTO3_SPEC into $VENV (Cinder's s3 driver)"
+            "$VENV/bin/python" -m pip install -q "$BOTO3_SPEC" >"$OUT_DIR/pip-s3.log" 2>&1 ||
+                { tail -n 30 "$OUT_DIR/pip-s3.log" >&2; die "pip install $BOTO3_SPEC failed"; }
         fi
         ;;
 esac

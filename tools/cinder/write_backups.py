@@ -27,6 +27,12 @@ The image of each point is kept as OUT_DIR/images/<backup id>.img.
 real Swift (tempauth v1, Cinder's ``single_user`` mode: ``--swift-auth-url``,
 ``--swift-user``, ``--swift-key``), into ``--swift-container`` (bz2's chain too: Cinder's
 swift driver has no per-backup default container).
+
+``--driver s3`` drives ``cinder.backup.drivers.s3.S3BackupDriver`` (boto3) against an S3 API
+(``--s3-endpoint-url``, ``--s3-access-key``, ``--s3-secret-key``; TLS verification off for a
+plain-http endpoint) into the bucket ``--s3-bucket``, which Cinder creates if missing. Cinder's
+S3 driver always writes into its configured bucket (``update_container_name`` keeps it), so
+every chain's ``container`` is that bucket.
 """
 
 from __future__ import annotations
@@ -48,12 +54,14 @@ SHA_BLOCK = 32768
 KIB = 1024
 
 
-def _configure(work: str, posix_path: str, file_size: int, swift: dict | None = None) -> None:
+def _configure(work: str, posix_path: str, file_size: int, swift: dict | None = None,
+               s3: dict | None = None) -> None:
     import oslo_messaging
 
     # importing these registers the options set below
     from cinder.backup import chunkeddriver  # noqa: F401
     from cinder.backup.drivers import posix  # noqa: F401
+    from cinder.backup.drivers import s3 as s3_driver  # noqa: F401
     from cinder.backup.drivers import swift as swift_driver  # noqa: F401
     from cinder.common import config  # noqa: F401
     from cinder.db import api  # noqa: F401
@@ -85,6 +93,18 @@ def _configure(work: str, posix_path: str, file_size: int, swift: dict | None = 
         conf.set_override("backup_swift_block_size", SHA_BLOCK)
         conf.set_override("backup_swift_retry_attempts", 1)
         conf.set_override("backup_swift_container", swift["container"])
+    if s3:
+        conf.set_override("backup_s3_endpoint_url", s3["endpoint_url"])
+        conf.set_override("backup_s3_store_access_key", s3["access_key"])
+        conf.set_override("backup_s3_store_secret_key", s3["secret_key"])
+        conf.set_override("backup_s3_store_bucket", s3["bucket"])
+        # objects of backup_file_size as for posix; a test endpoint is plain http
+        conf.set_override("backup_s3_object_size", file_size)
+        conf.set_override("backup_s3_block_size", SHA_BLOCK)
+        conf.set_override("backup_s3_verify_ssl", s3["verify_ssl"])
+        conf.set_override("backup_s3_retry_max_attempts", 1)
+        # its own timer, beside backup_enable_progress_timer: it would need a running hub too
+        conf.set_override("backup_s3_enable_progress_timer", False)
 
 
 def _init_cinder() -> None:
@@ -222,13 +242,21 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=2 * 1024 * 1024 + 12 * KIB,
                     help="bytes of each volume image (the last hash block may be partial)")
     ap.add_argument("--seed", type=int, default=13)
-    ap.add_argument("--driver", choices=("posix", "swift"), default="posix",
+    ap.add_argument("--driver", choices=("posix", "swift", "s3"), default="posix",
                     help="swift: Cinder's SwiftBackupDriver against --swift-auth-url "
-                         "(tempauth, v1), into --swift-container")
+                         "(tempauth, v1), into --swift-container; s3: Cinder's "
+                         "S3BackupDriver against --s3-endpoint-url, into --s3-bucket")
     ap.add_argument("--swift-auth-url", default="")
     ap.add_argument("--swift-user", default="test:tester")
     ap.add_argument("--swift-key", default="testing")
     ap.add_argument("--swift-container", default="volumebackups")
+    ap.add_argument("--s3-endpoint-url", default="")
+    ap.add_argument("--s3-access-key", default="test:tester")
+    ap.add_argument("--s3-secret-key", default="testing")
+    ap.add_argument("--s3-bucket", default="volumebackups")
+    ap.add_argument("--s3-verify-ssl", action="store_true",
+                    help="verify the endpoint's TLS certificate (Cinder's "
+                         "backup_s3_verify_ssl; off by default for a plain-http test endpoint)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -241,11 +269,17 @@ def main() -> int:
     if args.driver == "swift":
         swift = {"auth_url": args.swift_auth_url, "user": args.swift_user,
                  "key": args.swift_key, "container": args.swift_container}
-    _configure(work, posix_path, args.file_size, swift)
+    s3 = None
+    if args.driver == "s3":
+        s3 = {"endpoint_url": args.s3_endpoint_url, "access_key": args.s3_access_key,
+              "secret_key": args.s3_secret_key, "bucket": args.s3_bucket,
+              "verify_ssl": args.s3_verify_ssl}
+    _configure(work, posix_path, args.file_size, swift, s3)
     _init_cinder()
 
     from cinder import context
     from cinder.backup.drivers import posix
+    from cinder.backup.drivers import s3 as s3_driver
     from cinder.backup.drivers import swift as swift_driver
     from cinder.db import api as db
     from cinder.volume import volume_types
@@ -261,12 +295,20 @@ def main() -> int:
     if swift:
         service = "cinder.backup.drivers.swift.SwiftBackupDriver"
         result["swift_container"] = args.swift_container
+    elif s3:
+        service = "cinder.backup.drivers.s3.S3BackupDriver"
+        result["s3_bucket"] = args.s3_bucket
     else:
         service = "cinder.backup.drivers.posix.PosixBackupDriver"
     for algo in [a for a in args.algorithms.split(",") if a]:
         cfg.CONF.set_override("backup_compression_algorithm", algo)
-        driver = (swift_driver.SwiftBackupDriver(ctxt) if swift
-                  else posix.PosixBackupDriver(ctxt))
+        if swift:
+            driver = swift_driver.SwiftBackupDriver(ctxt)
+        elif s3:
+            driver = s3_driver.S3BackupDriver(ctxt)
+            driver.check_for_setup_error()  # what the backup service does at start
+        else:
+            driver = posix.PosixBackupDriver(ctxt)
         volume_id = str(uuid.uuid4())
         db.volume_create(ctxt, {"id": volume_id, "size": 1, "status": "available",
                                 "volume_type_id": vt["id"], "display_name": f"vol-{algo}",
@@ -277,8 +319,12 @@ def main() -> int:
         _initial_image(image, args.image_size, rng)
         # bz2 uses Cinder's default container (one directory per backup, nested by id);
         # the others a named container shared by the whole chain
-        container = None if algo == "bz2" else (args.swift_container if swift
-                                                else "volumebackups")
+        if swift:
+            container = None if algo == "bz2" else args.swift_container
+        elif s3:
+            container = None  # Cinder's S3 driver puts every backup in its bucket
+        else:
+            container = None if algo == "bz2" else "volumebackups"
         chain = []
         steps = [("full", None, None), ("inc1", _changes_1, None), ("inc2", _changes_2, None)]
         for name, change, _ in steps:
