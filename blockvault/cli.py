@@ -26,51 +26,115 @@ def main() -> None:
 # -- serve --------------------------------------------------------------------------------
 
 
-@main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="TOML configuration file.")
-@click.option("--host", default=None,
-              help="Address to listen on (default 127.0.0.1; with auth_strategy = noauth, "
-                   "loopback only unless noauth_allow_remote).")
-@click.option("--port", type=int, default=None, help="Port to listen on (default 8776).")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the database, volumes and local object store live.")
-@click.option("--log-level", default="info", show_default=True)
-def serve(config_file: str | None, host: str | None, port: int | None, data_dir: str | None,
-          log_level: str) -> None:
-    """Run the API, the workers and the embedded stores in one process."""
-    import uvicorn
+def _service_options(f: Any) -> Any:
+    f = click.option("--log-level", default="info", show_default=True)(f)
+    f = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where the database, volumes and local object store live.")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     default=None, help="TOML configuration file.")(f)
+    return f
 
+
+def _listen_options(f: Any) -> Any:
+    f = click.option("--port", type=int, default=None,
+                     help="Port to listen on (default 8776).")(f)
+    f = click.option("--host", default=None,
+                     help="Address to listen on (default 127.0.0.1; with auth_strategy = "
+                          "noauth, loopback only unless noauth_allow_remote).")(f)
+    return f
+
+
+def _services(config_file: str | None, data_dir: str | None, log_level: str, *,
+              run_jobs: bool, serve_api: bool, **listen: Any) -> Any:
+    """Settings and Services for one role (docs/deployment.md)."""
     from blockvault.api.auth import check_listen
     from blockvault.config import load_settings
-    from blockvault.server import Services, create_app
+    from blockvault.server import Services
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        settings = load_settings(config_file, host=host, port=port, data_dir=data_dir)
-        check_listen(settings)
-        services = Services(settings)
+        settings = load_settings(config_file, data_dir=data_dir, **listen)
+        if serve_api:
+            check_listen(settings)
+        return Services(settings, run_jobs=run_jobs, serve_api=serve_api)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _run_http(services: Any, log_level: str, role: str) -> None:
+    import uvicorn
+
+    from blockvault.api.proxies import TrustedProxies
+    from blockvault.server import create_app
+
+    settings = services.settings
     app = create_app(services)
     click.echo(
-        f"blockvault listening on http://{settings.host}:{settings.port} "
+        f"blockvault {role} listening on http://{settings.host}:{settings.port} "
         f"(data in {settings.data_dir}, store: {settings.store}, "
         f"auth: {settings.auth_strategy})",
         err=True,
     )
     # Forwarded headers are ours to judge (api/proxies.py, from trusted_proxies only):
     # uvicorn's own handling would believe any local peer's X-Forwarded-Proto/-For.
-    from blockvault.api.proxies import TrustedProxies
-
     # loop/http "auto": uvloop and httptools (uvicorn[standard]) where installed, else
     # asyncio and h11 — the same server, a fast event loop and HTTP parser when available.
+    # SIGTERM/SIGINT: uvicorn stops accepting, finishes in-flight requests (for at most
+    # shutdown_timeout), then the lifespan's end drains the jobs (Services.stop).
     uvicorn.run(TrustedProxies(app, settings.trusted_proxies), host=settings.host,
                 port=settings.port, log_level=log_level, access_log=False,
-                proxy_headers=False, loop="auto", http="auto")
+                proxy_headers=False, loop="auto", http="auto",
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)))
+
+
+@main.command()
+@_service_options
+@_listen_options
+def serve(config_file: str | None, host: str | None, port: int | None, data_dir: str | None,
+          log_level: str) -> None:
+    """Run the API, the workers and the embedded stores in one process."""
+    services = _services(config_file, data_dir, log_level, run_jobs=True, serve_api=True,
+                         host=host, port=port)
+    _run_http(services, log_level, "serve")
+
+
+@main.command()
+@_service_options
+@_listen_options
+def api(config_file: str | None, host: str | None, port: int | None, data_dir: str | None,
+        log_level: str) -> None:
+    """Run the HTTP API only: jobs are queued in the database for workers (several API
+    processes may run behind a load balancer; docs/deployment.md)."""
+    services = _services(config_file, data_dir, log_level, run_jobs=False, serve_api=True,
+                         host=host, port=port)
+    _run_http(services, log_level, "api")
+
+
+@main.command()
+@_service_options
+def worker(config_file: str | None, data_dir: str | None, log_level: str) -> None:
+    """Run the jobs only (backups, restores, deletes, verifications), the scheduler and
+    maintenance, until SIGTERM or SIGINT: then running jobs get shutdown_timeout seconds
+    to finish and the rest go back to the queue for another worker."""
+    import signal
+    import threading
+
+    services = _services(config_file, data_dir, log_level, run_jobs=True, serve_api=False)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    services.start()
+    click.echo(f"blockvault worker {services.runner.owner} running "
+               f"({services.settings.backup_workers} job threads, "
+               f"data in {services.settings.data_dir})", err=True)
+    while not stop.wait(3600):
+        pass
+    click.echo("blockvault worker stopping", err=True)
+    services.stop()
+    click.echo("blockvault worker stopped", err=True)
 
 
 # -- client ---------------------------------------------------------------------------------

@@ -77,6 +77,14 @@ class Settings:
     maintenance_interval: float = 0.0
     #: seconds finished jobs are kept before the maintenance timer prunes them (0 = forever)
     job_retention: float = 259200.0
+    #: seconds between a service process's heartbeats (Cinder's report_interval)
+    report_interval: float = 10.0
+    #: seconds since its last heartbeat after which os-services shows a service ``down``
+    #: (Cinder's service_down_time)
+    service_down_time: float = 60.0
+    #: seconds a stopping worker (SIGTERM/SIGINT) lets running jobs finish before it hands
+    #: them back to the queue for another worker (docs/deployment.md)
+    shutdown_timeout: float = 60.0
     #: seconds between the backup scheduler's looks at due schedules (docs/schedules.md)
     scheduler_interval: float = 30.0
     #: seconds a process holds a schedule's lease while it fires or settles a run
@@ -260,6 +268,11 @@ def _check(settings: Settings) -> None:
     if settings.auth_strategy not in ("noauth", "apikey", "keystone"):
         raise ValueError("auth_strategy must be noauth, apikey or keystone, "
                          f"not {settings.auth_strategy!r}")
+    for name in ("report_interval", "service_down_time"):
+        if getattr(settings, name) <= 0:
+            raise ValueError(f"{name} must be a positive number of seconds")
+    if settings.shutdown_timeout < 0:
+        raise ValueError("shutdown_timeout must be 0 or more seconds")
     if settings.max_request_body_size < 1:
         raise ValueError("max_request_body_size must be a positive number of bytes")
     for entry in settings.trusted_proxies:

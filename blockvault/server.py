@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +22,7 @@ from blockvault.api import health as health_routes
 from blockvault.api import metrics as metrics_routes
 from blockvault.api import openapi as openapi_routes
 from blockvault.api import schedules as schedule_routes
+from blockvault.api import services as service_routes
 from blockvault.api import volumes as volume_routes
 from blockvault.api.auth import make_authenticator
 from blockvault.api.faults import HTTPFault, fault_response
@@ -33,6 +36,7 @@ from blockvault.metrics.registry import Metrics
 from blockvault.service import policy
 from blockvault.service.backups import BackupService
 from blockvault.service.context import RequestContext
+from blockvault.service.heartbeats import BINARY_API, BINARY_BACKUP, Heartbeat, ServiceListing
 from blockvault.service.jobs import JobRunner
 from blockvault.service.quotas import QuotaDefaults, Quotas
 from blockvault.service.recovery import sweep_orphans
@@ -77,10 +81,17 @@ def policy_path(settings: Settings) -> Path:
 
 
 class Services:
-    """The running service: every long-lived object, built once from settings."""
+    """The running service: every long-lived object, built once from settings.
 
-    def __init__(self, settings: Settings) -> None:
+    Roles (docs/deployment.md): ``serve_api`` serves HTTP and beats as ``cinder-api``;
+    ``run_jobs`` runs the job runner, the scheduler and maintenance and beats as
+    ``cinder-backup``. ``blockvault serve`` is both, ``api`` and ``worker`` one each; an
+    API without jobs only queues them in the DB, for workers elsewhere to claim."""
+
+    def __init__(self, settings: Settings, *, run_jobs: bool = True,
+                 serve_api: bool = True) -> None:
         self.settings = settings
+        self.run_jobs, self.serve_api = run_jobs, serve_api
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url, pool_size=settings.db_pool_size,
                            max_overflow=settings.db_max_overflow)
@@ -117,7 +128,8 @@ class Services:
             service_name=service_name,
             validate_container=self.backend.validate_container_name,
             max_limit=settings.osapi_max_limit,
-            wake_workers=lambda: self.runner.wake(),
+            # without a runner here, workers elsewhere find new jobs at their next poll
+            wake_workers=(lambda: self.runner.wake()) if run_jobs else (lambda: None),
         )
         self.tasks = tasks = Tasks(
             self.db,
@@ -143,25 +155,51 @@ class Services:
             maintenance=[tasks.collect_owed],
             maintenance_interval=settings.maintenance_seconds,
             retention=settings.job_retention,
+            host=self.backends.host_name,
         )
         tasks.bind(self.runner)
+        self.services = ServiceListing(self.db, settings.service_down_time)
+        #: heartbeats of this process's roles (started by start())
+        self.heartbeats: list[Heartbeat] = []
         self.schedules = ScheduleService(self.db, self.backups, settings.osapi_max_limit)
         self.scheduler = Scheduler(self.db, self.backups, interval=settings.scheduler_interval,
                                    lease_seconds=settings.scheduler_lease_seconds)
 
     def start(self) -> None:
-        self.runner.start()
-        sweep_orphans(self.db)
-        try:
-            self.tasks.owe_gc_everywhere()
-        except Exception:
-            log.exception("listing containers for garbage collection failed")
-        self.scheduler.start()
+        host, interval = self.backends.host_name, self.settings.report_interval
+        if self.serve_api:
+            self.heartbeats.append(Heartbeat(
+                self.db, f"{host}:api:{os.getpid()}:{uuid.uuid4().hex[:8]}", host,
+                BINARY_API, interval=interval))
+        if self.run_jobs:
+            self.runner.start()
+            sweep_orphans(self.db)
+            try:
+                self.tasks.owe_gc_everywhere()
+            except Exception:
+                log.exception("listing containers for garbage collection failed")
+            self.scheduler.start()
+            # the runner's own row (its owner is known once it started)
+            self.heartbeats.append(Heartbeat(
+                self.db, self.runner.owner, host, BINARY_BACKUP,
+                backends=[f"{host}@{name}" for name in self.backends.drivers],
+                interval=interval))
+        for heartbeat in self.heartbeats:
+            heartbeat.start()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Whether jobs can run: worker threads alive and the DB taking writes."""
+        """Whether jobs can run: worker threads alive and the DB taking writes (an API
+        without jobs: whether the DB takes its heartbeat)."""
+        if not self.run_jobs:
+            problem = self.heartbeats[0].beat_once() if self.heartbeats else None
+            body: dict[str, Any] = {"status": "ok" if not problem else "unhealthy",
+                                    "workers_alive": 0, "workers": 0}
+            if problem:
+                body["problems"] = [problem]
+                log.error("health check failed: %s", problem)
+            return not problem, body
         problems = self.runner.health()
-        body: dict[str, Any] = {
+        body = {
             "status": "ok" if not problems else "unhealthy",
             "workers_alive": self.runner.alive_workers(),
             "workers": self.runner.workers,
@@ -172,8 +210,13 @@ class Services:
         return not problems, body
 
     def stop(self) -> None:
-        self.scheduler.stop()
-        self.runner.stop()
+        """Graceful: running jobs get ``shutdown_timeout`` seconds to finish, then go back
+        to the queue for another worker (JobRunner.drain)."""
+        if self.run_jobs:
+            self.scheduler.stop()
+            self.runner.drain(self.settings.shutdown_timeout)
+        for heartbeat in self.heartbeats:
+            heartbeat.stop()
         self.db.dispose()
 
     # -- quotas (thin: the rules live in Quotas) ----------------------------------------------
@@ -258,7 +301,7 @@ def create_app(services: Services, manage_lifecycle: bool = True) -> Starlette:
         *openapi_routes.routes(settings),
         *dashboard_routes(services),
         *make_routes(backup_routes.ENDPOINTS + volume_routes.ENDPOINTS
-                    + schedule_routes.ENDPOINTS, services),
+                    + schedule_routes.ENDPOINTS + service_routes.ENDPOINTS, services),
     ]
     return Starlette(
         routes=routes,

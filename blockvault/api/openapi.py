@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from blockvault import __version__ as _package_version
-from blockvault.api import backups, schedules, schemas, volumes
+from blockvault.api import backups, schedules, schemas, services, volumes
 from blockvault.api import response_schemas as rs
 from blockvault.api.http import Endpoint, make_routes
 from blockvault.api.versions import MAX_VERSION, MIN_VERSION, fmt
@@ -42,7 +42,8 @@ from blockvault.service.volumes import SNAPSHOT_LIST, VOLUME_LIST
 Schema = dict[str, Any]
 
 #: the Endpoints the server mounts (server.create_app mounts exactly this list)
-ENDPOINTS: list[Endpoint] = backups.ENDPOINTS + volumes.ENDPOINTS + schedules.ENDPOINTS
+ENDPOINTS: list[Endpoint] = (backups.ENDPOINTS + volumes.ENDPOINTS + schedules.ENDPOINTS
+                              + services.ENDPOINTS)
 SECURITY_SCHEME = "authToken"
 JSON = "application/json"
 OCTETS = "application/octet-stream"
@@ -194,6 +195,9 @@ QUERY_PARAMS: dict[Callable, list[Schema]] = {
     volumes.list_snapshots_detail: _list_params(SNAPSHOT_LIST),
     volumes.delete_volume: [_query("cascade", _IS_TRUE, "also delete its snapshots")],
     schedules.list_: [_query("all_tenants", _BOOL_STRING, "admin only; ignored for others")],
+    services.list_services: [_query("host", {"type": "string"}, "only this host's services"),
+                             _query("binary", {"type": "string"},
+                                    "only this binary's (cinder-api, cinder-backup)")],
     volumes.show_quotas: [_query("usage", _IS_TRUE, "limits with usage")],
     volumes.resource_filters: [_query("resource", {"type": "string"})],
     volumes.list_manageable: _MANAGEABLE_QUERY,
@@ -255,6 +259,8 @@ SUCCESS: dict[Callable, dict[str, Schema]] = {
     backups.show_container_verify: {
         "200": _json("the container check", rs.CONTAINER_VERIFICATION)},
     schedules.list_: {"200": _json("backup schedules", schedules.SCHEDULE_LIST)},
+    services.list_services: {"200": _json("services per host and binary, with their state",
+                                          services.SERVICE_LIST)},
     schedules.show: {"200": _json("the backup schedule", schedules.ONE_SCHEDULE)},
     schedules.create: {"200": _json("the new backup schedule", schedules.ONE_SCHEDULE)},
     schedules.update: {"200": _json("the updated backup schedule", schedules.ONE_SCHEDULE)},

@@ -321,7 +321,8 @@ class Job(Base):
 
 
 class Runner(Base):
-    """A job runner (one per process) and when it last proved the DB writable."""
+    """A service process (a job runner, an API) and when it last proved the DB writable:
+    its heartbeat, which ``os-services`` lists (blockvault.service.heartbeats)."""
 
     __tablename__ = "runners"
 
@@ -330,6 +331,11 @@ class Runner(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime)
     seen_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    #: Cinder's binary name of the role: ``cinder-backup`` (job runner) or ``cinder-api``
+    binary: Mapped[str] = mapped_column(String(64), default="cinder-backup",
+                                        server_default="cinder-backup")
+    #: the volume backends it reaches, as Cinder's HOST@BACKEND (for routing jobs by host)
+    backends: Mapped[list | None] = mapped_column(JSON)
 
 
 class ApiKey(Base):

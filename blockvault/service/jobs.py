@@ -240,6 +240,7 @@ class JobRunner:
         maintenance_interval: float = 60.0,
         retention: float = DEFAULT_RETENTION,
         name: str = "bv",
+        host: str | None = None,
     ) -> None:
         self.db = db
         self.handlers = handlers
@@ -251,6 +252,8 @@ class JobRunner:
         self.lease = float(lease_seconds)
         self.poll_seconds = poll_seconds
         self.name = name
+        #: the host its heartbeat row names (Cinder's ``host``; os-services lists it)
+        self.host = host or socket.gethostname()
         self.data_dir = data_dir
         #: seconds a finished job is kept (see prune); <= 0 keeps every job
         self.retention = float(retention)
@@ -260,6 +263,8 @@ class JobRunner:
         self.owner, self._identity_fd = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}", None
         self._wake = threading.Condition()
         self.stopping = threading.Event()
+        #: set by drain(): workers claim nothing more (running jobs go on)
+        self.draining = threading.Event()
         self.write = DurableWriter(db, self.stopping)
         self._workers: list[threading.Thread | None] = [None] * self.workers
         self._threads: list[threading.Thread] = []
@@ -300,6 +305,55 @@ class JobRunner:
             os.close(self._identity_fd)
             self._identity_fd = None
 
+    def drain(self, timeout: float, grace: float = 10.0) -> list[str]:
+        """Graceful stop (SIGTERM): claim nothing more, let running jobs finish for up to
+        ``timeout`` seconds, then hand back what still runs (:meth:`hand_back`) and stop,
+        giving the handed-back attempts ``grace`` seconds to notice and clean up after
+        themselves. Returns the ids of the jobs handed back."""
+        self.draining.set()
+        self.wake()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self.running_jobs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        handed = self.hand_back()
+        self.stop(timeout=grace)
+        # a claim that was already under way when draining began
+        return handed + self.hand_back()
+
+    def running_jobs(self) -> dict[str, str]:
+        """job id -> token of the attempts this process runs now."""
+        with self._running_lock:
+            return {job_id: token for job_id, (token, _) in self._running.items()}
+
+    def hand_back(self) -> list[str]:
+        """Re-queue the jobs this process still runs, so that another runner takes them
+        over at once instead of after their lease. Each is a conditional update on the
+        attempt's fencing token: a job that finished or was taken over meanwhile is left
+        alone. Attempts are not failed for it (an operator stopped them; the next claim
+        counts a new attempt), then told their attempt is lost, so they stop at their
+        next check and write nothing (their outcome is fenced anyway)."""
+        running = self.running_jobs()
+        handed: list[str] = []
+        if running:
+            try:
+                with self.db.session() as s:
+                    for job_id, token in running.items():
+                        res = s.execute(
+                            update(Job).where(Job.id == job_id, Job.token == token,
+                                              Job.state == "running")
+                            .values(state="queued", owner=None, token=None,
+                                    lease_expires=None))
+                        if res.rowcount == 1:
+                            handed.append(job_id)
+            except Exception:  # the leases then run out and recovery takes them over
+                log.exception("handing back running jobs failed")
+        with self._running_lock:
+            for _, lost in self._running.values():
+                lost.set()
+        for job_id in handed:
+            log.warning("job %s handed back to the queue: this runner is stopping", job_id)
+        return handed
+
     def wake(self) -> None:
         with self._wake:
             self._wake.notify_all()
@@ -308,7 +362,7 @@ class JobRunner:
         def register(s: Session) -> None:
             row = s.get(Runner, self.owner)
             if row is None:
-                s.add(Runner(owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
+                s.add(Runner(owner=self.owner, host=self.host, pid=os.getpid(),
                              started_at=db_now(), seen_at=db_now()))
             else:
                 row.pid, row.started_at, row.seen_at = os.getpid(), db_now(), db_now()
@@ -330,7 +384,7 @@ class JobRunner:
                 res = s.execute(update(Runner).where(Runner.owner == self.owner)
                                 .values(seen_at=db_now()))
                 if res.rowcount == 0:
-                    s.add(Runner(owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
+                    s.add(Runner(owner=self.owner, host=self.host, pid=os.getpid(),
                                  started_at=db_now(), seen_at=db_now()))
         except Exception as exc:
             return f"the database is not writable: {type(exc).__name__}: {exc}"[:300]
@@ -451,7 +505,7 @@ class JobRunner:
 
     def _work(self) -> None:
         delay = _BACKOFF_FIRST
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not self.draining.is_set():
             try:
                 job = self._claim()
                 if job is None:
@@ -558,7 +612,8 @@ class JobRunner:
     def maintain_once(self) -> None:
         """Restart dead workers, then run the maintenance tasks (owed collections)."""
         for i, t in enumerate(self._workers):
-            if t is not None and not t.is_alive() and not self.stopping.is_set():
+            if (t is not None and not t.is_alive() and not self.stopping.is_set()
+                    and not self.draining.is_set()):
                 log.error("worker thread %s died; starting a new one", t.name)
                 self._start_worker(i)
         if self._started and self.alive_workers() == 0:

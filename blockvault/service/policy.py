@@ -201,6 +201,10 @@ API_RULES = [
           ("PUT", "/os-quota-sets/{project_id}")),
     _rule("limits_extension:used_limits", READER,
           "Show limits with used limit attributes.", ("GET", "/limits")),
+    # services (cinder/policies/services.py)
+    _rule("volume_extension:services:index", ADMIN_API,
+          "List all services (the API and backup services per host, with their state).",
+          ("GET", "/os-services")),
     # volume types (cinder/policies/volume_type.py)
     _rule("volume_extension:type_get", READER, "Get one specific volume type.",
           ("GET", "/types/{type_id}")),
