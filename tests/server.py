@@ -48,6 +48,8 @@ class Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env}
         env.setdefault("BLOCKVAULT_JOB_LEASE_SECONDS", "6")
+        # stop() allows 20 s before SIGKILL: running jobs are handed back well before
+        env.setdefault("BLOCKVAULT_SHUTDOWN_TIMEOUT", "5")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [

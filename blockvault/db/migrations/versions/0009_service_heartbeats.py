@@ -5,14 +5,14 @@ Cinder's naming: ``cinder-backup`` for job runners, ``cinder-api`` for API proce
 the volume backends it reaches (``backends``: HOST@BACKEND names, kept for routing jobs by
 host). Existing rows are job runners, hence the server default.
 
-Revision ID: 0010
+Revision ID: 0009
 Revises: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
+revision = "0009"
 down_revision = "0008"
 branch_labels = None
 depends_on = None
