@@ -281,13 +281,17 @@ class Api:
         self.wait("volume", self.volume)
 
     def wait(self, kind: str, item: str) -> dict:
+        # Polls back off from 5 ms to 50 ms: a short job's end is seen soon after it
+        # happens, and a long one is not slowed by a stream of requests to the same server.
+        pause = 0.005
         while True:
             b = self.http.get(f"{self.base}/{kind}s/{item}").json()[kind]
             if b["status"] in ("available", "error"):
                 if b["status"] == "error":
                     raise RuntimeError(f"{kind} {item}: {b}")
                 return b
-            time.sleep(0.01)  # the poll's period bounds how late the end is seen
+            time.sleep(pause)
+            pause = min(0.05, pause * 1.5)
 
     def backup(self, incremental: bool) -> dict:
         t0 = time.perf_counter()
