@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,26 +32,15 @@ from blockvault.engine.errors import DataError, FormatError
 from blockvault.engine.restorer import FileTarget
 from blockvault.store.base import Container, ObjectInfo
 from blockvault.store.local import LocalBackend
+from tests.cinder import written_by_cinder
 
-ROOT = Path(__file__).resolve().parents[1]
-MAKE = ROOT / "tools" / "cinder" / "make-cinder-backups.sh"
 ALGORITHMS = ("zlib", "zstd", "bz2", "none")
 STEPS = ("full", "inc1", "inc2")
 
 
 @pytest.fixture(scope="module")
 def cinder_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("cinder-written")
-    proc = subprocess.run(["bash", str(MAKE), str(out)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=1800, check=False)
-    if proc.returncode != 0:
-        why = f"Cinder's backup driver could not be run:\n{proc.stderr[-3000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    data = json.loads((out / "backups.json").read_text())
-    data["out"] = out
-    return data
+    return written_by_cinder(tmp_path_factory.mktemp("cinder-written"))
 
 
 @pytest.fixture

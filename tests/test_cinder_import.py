@@ -30,10 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.cinder import written_by_cinder
 from tests.server import Api, Server
 
-ROOT = Path(__file__).resolve().parents[1]
-MAKE = ROOT / "tools" / "cinder" / "make-cinder-backups.sh"
 STEPS = ("full", "inc1", "inc2")
 GiB = 1024**3
 MiB = 1024**2
@@ -41,18 +40,8 @@ MiB = 1024**2
 
 @pytest.fixture(scope="module")
 def cinder_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("cinder-written")
-    proc = subprocess.run(["bash", str(MAKE), str(out), "--algorithms", "zlib,zstd,bz2"],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=1800, check=False)
-    if proc.returncode != 0:
-        why = f"Cinder's backup driver could not be run:\n{proc.stderr[-3000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    data = json.loads((out / "backups.json").read_text())
-    data["out"] = out
-    return data
+    return written_by_cinder(tmp_path_factory.mktemp("cinder-written"),
+                             "--algorithms", "zlib,zstd,bz2")
 
 
 @pytest.fixture
@@ -470,20 +459,12 @@ def test_import_cinder_cli_posix_tree_reports_broken(cinder_data, posix, server,
 def swift_cinder(swift_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Chains written by Cinder's unmodified SwiftBackupDriver (tempauth, single_user) into
     a Swift container of their own; the data a test changes is put back by the test."""
-    out = tmp_path_factory.mktemp("cinder-swift")
     container = f"cinder-{os.urandom(6).hex()}"
-    proc = subprocess.run(
-        ["bash", str(MAKE), str(out), "--algorithms", "zlib,zstd", "--driver", "swift",
-         "--swift-auth-url", swift_server.auth_url, "--swift-user", "test:tester",
-         "--swift-key", swift_server.users["test:tester"], "--swift-container", container],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800, check=False)
-    if proc.returncode != 0:
-        why = f"Cinder's swift backup driver could not be run:\n{proc.stderr[-3000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    data = json.loads((out / "backups.json").read_text())
-    data["out"] = out
+    data = written_by_cinder(
+        tmp_path_factory.mktemp("cinder-swift"), "--algorithms", "zlib,zstd",
+        "--driver", "swift", "--swift-auth-url", swift_server.auth_url,
+        "--swift-user", "test:tester", "--swift-key", swift_server.users["test:tester"],
+        "--swift-container", container)
     data["swift"] = swift_server
     return data
 
@@ -587,20 +568,11 @@ def test_swift_import_cinder_cli(swift_cinder, tmp_path):
 def s3_cinder(swift_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Chains written by Cinder's unmodified S3BackupDriver (boto3) into a bucket of their own
     on the Swift all-in-one's S3 API; the data a test changes is put back by the test."""
-    out = tmp_path_factory.mktemp("cinder-s3")
     bucket = f"cinder-{os.urandom(6).hex()}"
-    proc = subprocess.run(
-        ["bash", str(MAKE), str(out), "--algorithms", "zlib,zstd", "--driver", "s3",
-         "--s3-endpoint-url", swift_server.s3_endpoint, "--s3-access-key", "test:tester",
-         "--s3-secret-key", swift_server.users["test:tester"], "--s3-bucket", bucket],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800, check=False)
-    if proc.returncode != 0:
-        why = f"Cinder's s3 backup driver could not be run:\n{proc.stderr[-3000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    data = json.loads((out / "backups.json").read_text())
-    data["out"] = out
+    data = written_by_cinder(
+        tmp_path_factory.mktemp("cinder-s3"), "--algorithms", "zlib,zstd", "--driver", "s3",
+        "--s3-endpoint-url", swift_server.s3_endpoint, "--s3-access-key", "test:tester",
+        "--s3-secret-key", swift_server.users["test:tester"], "--s3-bucket", bucket)
     data["swift"] = swift_server
     return data
 
