@@ -42,7 +42,7 @@ def sha(data: bytes) -> str:
 
 def config(**kw) -> EngineConfig:
     return EngineConfig(block_size=BS, pack_size=256 * KiB, workers=2, gc_grace=GRACE,
-                        store_lag=LAG, **kw)
+                        store_lag=LAG, **{"repack": True, **kw})
 
 
 def stored(root: Path, container: str = "c") -> int:
@@ -330,7 +330,7 @@ _CHILD = textwrap.dedent("""
             return c
 
     cfg = EngineConfig(block_size=4096, pack_size=256 * 1024, workers=2, gc_grace=%r,
-                       store_lag=%r)
+                       store_lag=%r, repack=True)
     Engine(Dying(Path(root)), Path(cache), cfg).collect_garbage(container="c")
     print("finished")
 """) % (GRACE, LAG)
