@@ -207,6 +207,18 @@ class Api:
         return target
 
 
+def verify_backup(api: Api, backup: str) -> dict:
+    """Ask for a backup's verification and wait for its report (at most 60 s)."""
+    assert api.post(f"/backups/{backup}/verify").status_code == 202
+    deadline = time.monotonic() + 60
+    while True:
+        v = api.get(f"/backups/{backup}/verify").json()["verification"]
+        if v["state"] in ("ok", "failed"):
+            return v
+        assert time.monotonic() < deadline, v
+        time.sleep(0.1)
+
+
 def sha256_of_file(path: Path, size: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

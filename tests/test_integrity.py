@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import FAST_GC
-from tests.server import Server
+from tests.server import Server, verify_backup
 
 MiB = 1024 * 1024
 
@@ -20,17 +20,6 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def _verify(api, backup: str) -> dict:
-    assert api.post(f"/backups/{backup}/verify").status_code == 202
-    deadline = time.monotonic() + 60
-    while True:
-        v = api.get(f"/backups/{backup}/verify").json()["verification"]
-        if v["state"] in ("ok", "failed"):
-            return v
-        assert time.monotonic() < deadline, v
-        time.sleep(0.1)
-
-
 def _packs(server) -> list:
     return sorted((server.data_dir / "store" / "volumebackups").rglob("packs/*/*"))
 
@@ -40,7 +29,7 @@ def test_verify_then_corruption_is_named(server, alice):
     alice.write(vol, 0, os.urandom(4 * MiB))
     backup = alice.create_backup(vol)
     assert alice.get(f"/backups/{backup}/verify").status_code == 404
-    v = _verify(alice, backup)
+    v = verify_backup(alice, backup)
     assert v["state"] == "ok" and v["checked_blocks"] == 128 and v["corrupt"] == []
 
     packs = [p for p in _packs(server)]
@@ -50,7 +39,7 @@ def test_verify_then_corruption_is_named(server, alice):
     victim.write_bytes(bytes(data))
     name = str(victim.relative_to(server.data_dir / "store" / "volumebackups"))
 
-    v = _verify(alice, backup)
+    v = verify_backup(alice, backup)
     assert v["state"] == "failed" and name in v["corrupt"]
     assert alice.get(f"/backups/{backup}").json()["backup"]["status"] == "available"
 
@@ -71,7 +60,7 @@ def test_missing_pack_is_named(server, alice):
     new = sorted(set(_packs(server)) - before)
     assert new
     new[0].unlink()
-    v = _verify(alice, backup)
+    v = verify_backup(alice, backup)
     assert v["state"] == "failed" and v["missing"]
     target = alice.post(f"/backups/{backup}/restore", {"restore": {}}).json()["restore"][
         "volume_id"]

@@ -30,7 +30,7 @@ from blockvault.db.models import Backup, Job, utcnow
 from blockvault.server import Services, create_app
 from tests.conftest import FAST_GC, store_env
 from tests.pg import pg_database
-from tests.server import Server, free_port
+from tests.server import Server, free_port, verify_backup
 
 MiB = 1024**2
 GiB = 1024**3
@@ -64,17 +64,6 @@ def db_rows(srv: Server, sql: str, *args) -> list[tuple]:
         return c.execute(sql, args).fetchall()
 
 
-def verify(api, backup: str) -> dict:
-    assert api.post(f"/backups/{backup}/verify").status_code == 202
-    deadline = time.monotonic() + 60
-    while True:
-        v = api.get(f"/backups/{backup}/verify").json()["verification"]
-        if v["state"] in ("ok", "failed"):
-            return v
-        assert time.monotonic() < deadline, v
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     env = {**FAST_GC, "BLOCKVAULT_SCHEDULER_INTERVAL": "0.5"}
@@ -101,7 +90,7 @@ def test_backup_restore_delete_verify_are_counted(server):
     h = api.volume_sha256(vol)
     target = api.restore(incr)
     assert api.volume_sha256(target) == h
-    assert verify(api, full)["state"] == "ok"
+    assert verify_backup(api, full)["state"] == "ok"
 
     mid = scrape(server.url)
     stored = dict(db_rows(server, "SELECT id, stored_bytes FROM backups WHERE id IN (?, ?)",
@@ -143,7 +132,7 @@ def test_backup_restore_delete_verify_are_counted(server):
     data = bytearray(victim.read_bytes())
     data[100] ^= 0xFF
     victim.write_bytes(bytes(data))
-    assert verify(api, full)["state"] == "failed"
+    assert verify_backup(api, full)["state"] == "failed"
 
     after = scrape(server.url)
     assert val(after, "blockvault_container_backups", container=container) == 1
@@ -320,12 +309,12 @@ def test_queue_depth_and_age_while_no_worker_runs(tmp_path, database_url):
         assert val(m, "blockvault_backups", status="available") == 3
 
         # verify results from the jobs' JSON reports, on this database too
-        assert verify(api, backups[0])["state"] == "ok"
+        assert verify_backup(api, backups[0])["state"] == "ok"
         packs = sorted((tmp_path / "store" / "volumebackups").rglob("packs/*/*"))
-        assert verify(api, backups[1])["state"] == "ok"
+        assert verify_backup(api, backups[1])["state"] == "ok"
         for p in packs:
             p.unlink()
-        assert verify(api, backups[1])["state"] == "failed"
+        assert verify_backup(api, backups[1])["state"] == "failed"
         m = scrape(app.url)
         assert val(m, "blockvault_verify_backups", result="ok") == 1
         assert val(m, "blockvault_verify_backups", result="failed") == 1
