@@ -90,7 +90,7 @@ def simulate(work: Path, size: int, days: int, change: float, repack: bool) -> d
         t = time.monotonic()
         eng.backup(container="c", backup_id=bid, source=vol, size=size,
                    parent_id=backups[-1][0] if backups else None,
-                   changed=changed or None)
+                   changed=changed or None, record={"id": bid})
         backup_s += time.monotonic() - t
         digests[bid] = hashlib.sha256(vol.read_bytes()).hexdigest()
         backups.append((bid, day0 + dt.timedelta(days=day)))

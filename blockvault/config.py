@@ -133,9 +133,8 @@ class Settings:
     gc_grace: float = 3600.0
     #: seconds the store's listings may lag behind its writes (Swift's do)
     store_lag: float = 300.0
-    #: repack partly referenced packs during garbage collection (docs/format.md, "Repacking");
-    #: opt-in until a rewrite paused inside its put can no longer name a swept pack
-    repack: bool = False
+    #: repack partly referenced packs during garbage collection (docs/format.md, "Repacking")
+    repack: bool = True
     #: unused bytes tolerated in packs, as a fraction of the live bytes, before repacking
     repack_max_unused: float = 0.1
     #: "project": a backup deduplicates only against its own project's blocks, so nothing

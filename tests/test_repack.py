@@ -98,7 +98,7 @@ def three_backups(eng: Engine, tmp_path: Path, size: int = 8 * MiB,
     for bid, frac in (("b1", 0.0), ("b2", 0.5), ("b3", 0.02)):
         changed = vol.change(frac) if frac else None
         eng.backup(container="c", backup_id=bid, source=vol.path, size=size,
-                   parent_id=parent, changed=changed, scope=scope)
+                   parent_id=parent, changed=changed, scope=scope, record={"id": bid})
         digests[bid] = sha(bytes(vol.data))
         parent = bid
     return vol, digests
@@ -154,9 +154,11 @@ def test_nothing_to_repack_leaves_the_container_alone(tmp_path: Path) -> None:
     root = tmp_path / "store"
     eng = Engine(LocalBackend(root), tmp_path / "cache", config())
     vol = Volume(tmp_path / "v", 4 * MiB)
-    eng.backup(container="c", backup_id="b1", source=vol.path, size=vol.size)
+    eng.backup(container="c", backup_id="b1", source=vol.path, size=vol.size,
+               record={"id": "b1"})
     vol.change(0.02)
-    eng.backup(container="c", backup_id="b2", source=vol.path, size=vol.size, parent_id="b1")
+    eng.backup(container="c", backup_id="b2", source=vol.path, size=vol.size, parent_id="b1",
+               record={"id": "b2"})
     before = pack_names(root)
     time.sleep(GRACE * 1.1)
     assert eng.collect_garbage(container="c") is True
@@ -262,7 +264,8 @@ def test_backup_running_during_a_repack(tmp_path: Path) -> None:
     pause = Pause()
     out: list = []
     t = threading.Thread(target=lambda: out.append(eng.backup(
-        container="c", backup_id="b4", source=vol.path, size=vol.size, cancelled=pause)))
+        container="c", backup_id="b4", source=vol.path, size=vol.size, cancelled=pause,
+        record={"id": "b4"})))
     t.start()
     assert pause.paused.wait(30)
     assert eng.collect_garbage(container="c") is False  # repacked under the backup
@@ -296,12 +299,104 @@ def test_packs_condemned_by_a_repack_are_not_deduplicated_against(tmp_path: Path
     # Another host too: its index is built from the store, not from this one's cache.
     for n, cache in (("b4", tmp_path / "cache"), ("b5", tmp_path / "cache-2")):
         other = Engine(LocalBackend(root), cache, config())
-        res = other.backup(container="c", backup_id=n, source=vol.path, size=vol.size)
+        res = other.backup(container="c", backup_id=n, source=vol.path, size=vol.size,
+                           record={"id": n})
         assert res.new_blocks == 0  # all found, in the copies
         assert not manifest_packs(other, n) & marked
     drain(eng)
     for bid in ("b3", "b4", "b5"):
         assert restored(eng, bid, tmp_path / "o") == digests["b3"]
+
+
+class PausedManifestPut(LocalBackend):
+    """A store whose first manifest upload (of engines built on it) stops until ``go``: a
+    process paused inside the put (SIGSTOP, a frozen VM), for as long as the test likes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def open(self, container: str, create: bool = True) -> Container:
+        c = super().open(container, create)
+        put_file = c.put_file
+
+        def paused(name: str, f, size: int) -> None:
+            if name.startswith("manifests/") and not self.reached.is_set():
+                self.reached.set()
+                assert self.go.wait(60)
+            put_file(name, f, size)
+
+        c.put_file = paused  # type: ignore[method-assign]
+        return c
+
+
+def test_a_rewrite_paused_in_its_put_never_names_a_swept_pack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes repack at once, each its own half of b1's old packs (both halves
+    named by b2). A's put of b2's rewritten manifest stalls; meanwhile B rewrites b2 without
+    B's half, condemns that half, and a sweep a grace period later deletes it. Then A's put
+    lands, holding b2's entries in B's half as A read them. Written over the manifest (as
+    before manifest versions), b2 then named deleted packs (docs/format.md, "Repacking",
+    the soak test's seed 3513336388); as a new version it is found unsafe and never
+    committed: b2 restores byte-exact from B's version."""
+    from blockvault.engine import repack as repacking
+
+    root = tmp_path / "store"
+    eng = Engine(LocalBackend(root), tmp_path / "cache", config())
+    _vol, digests = three_backups(eng, tmp_path)
+    time.sleep(GRACE * 1.1)
+    eng.delete(container="c", backup_id="b1")
+    b2_packs = manifest_packs(eng, "b2")
+    paused = PausedManifestPut(root)
+    a = Engine(paused, tmp_path / "cache-a", config())
+    b = Engine(LocalBackend(root), tmp_path / "cache-b", config())
+    real_plan = repacking.plan
+    halves: dict[int, set[bytes]] = {}
+
+    def plan(engine: Engine, live, now: float, excluded: set[bytes]) -> list[bytes]:
+        # Both would choose the same packs (the plan is deterministic); give each process
+        # its own half of those b2 names, so that each rewrite keeps the other's half.
+        chosen = sorted(set(real_plan(engine, live, now, excluded)) & b2_packs)
+        if not halves:
+            halves[id(a)], halves[id(b)] = set(chosen[::2]), set(chosen[1::2])
+        return sorted(halves.get(id(engine), set()) & set(chosen))
+
+    monkeypatch.setattr(repacking, "plan", plan)
+    errors: list[BaseException] = []
+
+    def collect_a() -> None:
+        try:
+            a.collect_garbage(container="c")
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=collect_a)
+    t.start()
+    assert paused.reached.wait(60)  # A copied its half and is inside b2's put
+    assert halves[id(a)] and halves[id(b)]
+    b.collect_garbage(container="c")  # B rewrites b2 and b3 and condemns its half
+    swept_half = {p.hex() for p in halves[id(b)]}
+    assert halves[id(b)] <= condemned(eng)
+    deadline = time.monotonic() + 3 * GRACE  # then a sweep deletes B's half
+    while swept_half & pack_names(root) and time.monotonic() < deadline:
+        time.sleep(GRACE / 4)
+        b.collect_garbage(container="c")
+    assert not swept_half & pack_names(root), "the sweep never came"
+    paused.go.set()  # A's put lands, long after its deadline
+    t.join(60)
+    for bid in ("b2", "b3"):
+        assert restored(eng, bid, tmp_path / "o") == digests[bid]
+    assert not errors, errors
+    versions = sorted(p.name for p in (root / "c" / "manifests").iterdir()
+                      if p.name.startswith("b2"))
+    # B's committed version only: A's was removed uncommitted.
+    assert len(versions) == 2 and versions[1] == versions[0] + ".ok", versions
+    assert not {p.hex() for p in manifest_packs(eng, "b2")} & swept_half
+    assert eng.verify(container="c").ok
+    drain(eng)
+    for bid in ("b2", "b3"):
+        assert restored(eng, bid, tmp_path / "o") == digests[bid]
+    assert eng.verify(container="c").ok
 
 
 _CHILD = textwrap.dedent("""
@@ -341,6 +436,8 @@ _CHILD = textwrap.dedent("""
     ("put", "packs/", 2),  # copying: between two new packs
     ("put_file", "manifests/", 1),  # copied, no manifest rewritten
     ("put_file", "manifests/", 2),  # one manifest rewritten, the other not
+    ("put", "manifests/", 1),  # a new version put, not committed
+    ("delete", "manifests/", 1),  # committed, the old version not yet removed
     ("put", "gc/condemned/", 1),  # every manifest rewritten, nothing condemned
     ("delete", "packs/", 1),  # the sweep, a grace period later
 ], ids=lambda s: f"{s[0]}-{s[1].rstrip('/').replace('/', '-')}-{s[2]}")
@@ -355,7 +452,7 @@ def test_a_collection_killed_at_any_step_of_a_repack(tmp_path: Path,
     time.sleep(GRACE * 1.1)
     eng.delete(container="c", backup_id="b1")
     method, prefix, nth = step
-    if method == "delete":  # the repack's round completes; kill its sweep
+    if (method, prefix) == ("delete", "packs/"):  # the round completes; kill its sweep
         assert eng.collect_garbage(container="c") is False
         time.sleep(GRACE * 1.1)
     child = subprocess.run(
@@ -391,7 +488,7 @@ def test_sixty_days_of_retention_follow_the_live_data(tmp_path: Path) -> None:
         parent = backups[-1][0] if backups else None
         changed = vol.change(0.02) if parent else None
         eng.backup(container="c", backup_id=bid, source=vol.path, size=vol.size,
-                   parent_id=parent, changed=changed)
+                   parent_id=parent, changed=changed, record={"id": bid})
         digests[bid] = sha(bytes(vol.data))
         backups.append((bid, day0 + dt.timedelta(days=day)))
         kept = set(select_kept(backups, policy))

@@ -11,7 +11,7 @@ import zstandard
 
 from blockvault.engine.codecs import thread_codecs
 from blockvault.engine.crypto import Crypto, SealError
-from blockvault.engine.errors import DataError
+from blockvault.engine.errors import DataError, MissingObject
 from blockvault.engine.format import (
     CODEC_LZ4,
     CODEC_NONE,
@@ -24,10 +24,6 @@ from blockvault.store import Container, ObjectNotFound
 
 RUN_MAX = 4 * 1024 * 1024  # largest coalesced range GET (and decoded run) on restore
 GAP_MAX = 256 * 1024  # read through gaps this small instead of splitting a GET
-
-
-class MissingObject(DataError):
-    """A DataError for an object that does not exist (verify reports these apart)."""
 
 
 class Run:

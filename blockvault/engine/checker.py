@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 from blockvault.engine.blobs import MissingObject, Run, decode_run, raw_entries, runs
 from blockvault.engine.config import VerifyReport
 from blockvault.engine.errors import DataError
-from blockvault.engine.format import CONFIG_NAME, ManifestReader, check_id, manifest_object
+from blockvault.engine.format import (
+    CONFIG_NAME,
+    ManifestReader,
+    check_id,
+    group_manifests,
+    manifest_exists,
+    manifest_object,
+)
 
 if TYPE_CHECKING:
     from blockvault.engine.engine import Engine
@@ -28,7 +35,7 @@ def verify(engine: Engine, *, container: str, backup_id: str | None = None) -> V
         check_id(backup_id)
         ids: Iterator[str] = iter([backup_id])
     else:
-        ids = (n[len("manifests/"):] for n in c.list("manifests/"))
+        ids = iter(sorted(group_manifests(c.list("manifests/"))))
     cfg = engine._config(c, container, create=False)
     seen = sqlite3.connect("")  # private on-disk temp db: blobs already checked
     seen.execute("CREATE TABLE seen (pack BLOB, off INTEGER, scope TEXT, "
@@ -50,7 +57,7 @@ def verify(engine: Engine, *, container: str, backup_id: str | None = None) -> V
                             thread_name_prefix="bv-verify") as pool:
         for bid in ids:
             mname = manifest_object(bid)
-            if c.head(mname) is None:
+            if not manifest_exists(c, bid):
                 missing.add(mname)
                 continue
             if cfg is None:

@@ -69,7 +69,7 @@ from typing import Any
 import zstandard
 
 from blockvault.engine.config import Progress, Throttle, VerifyReport
-from blockvault.engine.errors import Cancelled, DataError, FormatError
+from blockvault.engine.errors import Cancelled, DataError, FormatError, MissingObject
 from blockvault.engine.source import Target
 from blockvault.store.base import Container, ObjectNotFound, StorePermanentError
 from blockvault.store.local import LocalContainer
@@ -88,10 +88,6 @@ _UUID_RE = re.compile(r"[0-9a-fA-F-]{1,64}")
 # Cinder records CONF.backup_compression_algorithm.lower(), so its aliases appear too
 _CODECS = {"none": "none", "off": "none", "no": "none", "zlib": "zlib", "gzip": "zlib",
            "bz2": "bz2", "bzip2": "bz2", "zstd": "zstd"}
-
-
-class MissingObject(DataError):
-    """A :class:`DataError` for an object that does not exist (verify lists these apart)."""
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,8 @@ class EngineConfig:
     # referenced packs into new ones, emptiest packs first, until the unused bytes left in
     # packs are at most ``repack_max_unused`` x the live bytes (restic's --max-unused), so
     # stored bytes follow the live data; a round that would free less than one pack_size
-    # is not worth its copying and is skipped. Off by default: a rewrite whose put is paused
-    # past its deadline can leave a manifest naming a swept pack (docs/format.md,
-    # "Repacking", point 6; found by tests/test_soak.py), so it is opt-in until closed.
-    repack: bool = False
+    # is not worth its copying and is skipped.
+    repack: bool = True
     repack_max_unused: float = 0.1
     # Which backups deduplicate against each other (docs/format.md, "Dedup scopes"):
     # "project" — only those given the same ``scope`` (the service passes the project id),

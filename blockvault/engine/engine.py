@@ -30,6 +30,7 @@ from blockvault.engine.format import (
     check_id,
     entry_packs,
     make_config,
+    manifest_exists,
     manifest_object,
     parse_config,
     record_object,
@@ -134,7 +135,7 @@ class Engine:
     def has_backup(self, *, container: str, backup_id: str) -> bool:
         check_id(backup_id)
         c = self.backend.open(container, create=False)
-        return c.head(manifest_object(backup_id)) is not None
+        return manifest_exists(c, backup_id)
 
     def clone_backup(self, *, container: str, source_id: str, target_id: str) -> None:
         """Give backup ``target_id`` a manifest of its own with ``source_id``'s content.
@@ -185,12 +186,13 @@ class Engine:
         return ManifestBuilder(backup_id, crypto, self.cache_dir)
 
     def _put_manifest(self, c: Container, backup_id: str, builder: ManifestBuilder,
-                      header: dict) -> int:
+                      header: dict, name: str | None = None) -> int:
         """Finish ``builder`` into a temporary file and upload it (streamed: manifests grow
-        with the volume's data). Returns the manifest's size."""
+        with the volume's data) as ``name``, by default the backup's version 0. Returns the
+        manifest's size."""
         with tempfile.TemporaryFile(dir=self.cache_dir, prefix="manifest-") as f:
             size = builder.finish(header, f)
-            c.put_file(manifest_object(backup_id), f, size)
+            c.put_file(name or manifest_object(backup_id), f, size)
         return size
 
     # -- backup -------------------------------------------------------------------------

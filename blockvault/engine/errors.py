@@ -19,6 +19,10 @@ class DataError(EngineError):
         self.object_name = object_name
 
 
+class MissingObject(DataError):
+    """A DataError for an object that does not exist (verify reports these apart)."""
+
+
 class KeyMismatch(EngineError):
     """The container is encrypted and no key, or the wrong key, was configured."""
 

@@ -9,7 +9,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -17,7 +17,7 @@ from typing import BinaryIO
 import zstandard
 
 from blockvault.engine.crypto import Crypto, SealError
-from blockvault.engine.errors import DataError, FormatError, KeyMismatch
+from blockvault.engine.errors import DataError, FormatError, KeyMismatch, MissingObject
 from blockvault.store import Container, ObjectNotFound
 
 FORMAT_VERSION = 1  # records, and manifests of the container-wide dedup scope
@@ -55,7 +55,99 @@ def pack_object(name_hex: str) -> str:
 
 
 def manifest_object(backup_id: str) -> str:
+    """The manifest a backup writes (its version 0)."""
     return f"manifests/{backup_id}"
+
+
+# Later versions, written by repacking next to the first and never over it (docs/format.md,
+# "Manifest versions"): "manifests/<id>@<generation>.<token>", and its commit, the same name
+# with ".ok", put only once the version is known to name no pack a collection may delete.
+# "@" never occurs in a backup id, so names parse back without ambiguity.
+_VERSION_RE = re.compile(r"^manifests/(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,199})"
+                         r"(?:@(?P<gen>[0-9]{8})\.(?P<token>[0-9a-f]{16})(?P<ok>\.ok)?)?$")
+
+
+@dataclass(frozen=True, order=True)
+class ManifestVersion:
+    """One version object of a backup's manifest; ordered oldest to newest."""
+
+    generation: int
+    token: str
+    name: str
+
+    @property
+    def commit_name(self) -> str:
+        return self.name + ".ok"
+
+
+def version_object(backup_id: str, generation: int, token: str) -> ManifestVersion:
+    return ManifestVersion(generation, token,
+                           f"manifests/{backup_id}@{generation:08d}.{token}")
+
+
+def parse_manifest_name(name: str) -> tuple[str, ManifestVersion, bool] | None:
+    """(backup id, version, is it the version's commit) of an object under
+    ``manifests/``; None for a name that is neither."""
+    m = _VERSION_RE.fullmatch(name)
+    if m is None:
+        return None
+    if m["gen"] is None:
+        return m["id"], ManifestVersion(0, "", name), False
+    v = version_object(m["id"], int(m["gen"]), m["token"])
+    return m["id"], v, m["ok"] is not None
+
+
+@dataclass
+class ManifestVersions:
+    """What a listing shows of one backup's manifest versions."""
+
+    versions: set[ManifestVersion]  # version objects listed
+    commits: set[ManifestVersion]  # versions whose commit is listed (version 0 implied)
+
+    def committed(self) -> list[ManifestVersion]:
+        """The versions a reader may take, newest first."""
+        return sorted((v for v in self.versions if v.generation == 0 or v in self.commits),
+                      reverse=True)
+
+
+def group_manifests(names: Iterable[str]) -> dict[str, ManifestVersions]:
+    """Listed names under ``manifests/``, grouped by backup id."""
+    out: dict[str, ManifestVersions] = {}
+    for name in names:
+        parsed = parse_manifest_name(name)
+        if parsed is None:
+            continue
+        bid, v, commit = parsed
+        g = out.setdefault(bid, ManifestVersions(set(), set()))
+        (g.commits if commit else g.versions).add(v)
+    return out
+
+
+def manifest_versions(c: Container, backup_id: str) -> ManifestVersions:
+    return group_manifests(c.list(manifest_object(backup_id))).get(
+        backup_id, ManifestVersions(set(), set()))
+
+
+def manifest_candidates(c: Container, backup_id: str, newest: bool = False) -> Iterator[str]:
+    """The object names a reader tries for ``backup_id``'s manifest, in order. Every
+    committed version that exists is complete and valid, so by default version 0 comes
+    first (one GET, no listing, for a backup never repacked); ``newest`` puts the committed
+    versions first, newest first (what repacking rewrites). A listing may not show a
+    version 0 written a moment ago, so it is tried in any case. Lazy: the listing is made
+    only when the names before it failed."""
+    first = manifest_object(backup_id)
+    if not newest:
+        yield first
+    listed = [v.name for v in manifest_versions(c, backup_id).committed()]
+    for name in listed:
+        if newest or name != first:
+            yield name
+    if newest and first not in listed:
+        yield first
+
+
+def manifest_exists(c: Container, backup_id: str) -> bool:
+    return any(c.head(n) is not None for n in manifest_candidates(c, backup_id))
 
 
 def record_object(backup_id: str) -> str:
@@ -320,7 +412,7 @@ class _RangeReader:
             try:
                 more = self.c.get(self.name, self.pos, want)
             except ObjectNotFound:
-                raise DataError(f"manifest {self.name} is missing", self.name) from None
+                raise MissingObject(f"manifest {self.name} is missing", self.name) from None
             self.pos += len(more)
             self.buf = rest + more
             self.bpos = 0
@@ -332,14 +424,35 @@ class _RangeReader:
 
 
 class ManifestReader:
-    """Streams a manifest: ``header`` is read on open, ``entries()`` yields in index order."""
+    """Streams a manifest: ``header`` is read on open, ``entries()`` yields in index order.
 
-    def __init__(self, c: Container, backup_id: str, crypto: Crypto, container: str = "") -> None:
+    Without ``name`` it reads a committed version of the backup's manifest that exists,
+    the newest one with ``newest`` (``manifest_candidates``); with ``name``, that version
+    object only."""
+
+    def __init__(self, c: Container, backup_id: str, crypto: Crypto, container: str = "",
+                 name: str | None = None, newest: bool = False) -> None:
         self.backup_id = backup_id
-        self.name = manifest_object(backup_id)
         self.crypto = crypto
-        self._c, self._container = c, container
-        self._r = _RangeReader(c, self.name)
+        self._c, self._container, self._fixed = c, container, name
+        names = [name] if name is not None else manifest_candidates(c, backup_id, newest)
+        missing: MissingObject | None = None
+        for n in names:
+            try:
+                self._open_version(n)
+                return
+            except MissingObject as e:  # deleted meanwhile: the next one
+                missing = missing or e
+        assert missing is not None
+        raise missing
+
+    def _open_version(self, name: str) -> None:
+        backup_id = self.backup_id
+        crypto, container = self.crypto, self._container
+        self.name = name
+        parsed = parse_manifest_name(name)
+        self.version = parsed[1] if parsed else ManifestVersion(0, "", name)
+        self._r = _RangeReader(self._c, name)
         prefix = self._r.read(MANIFEST_PREFIX.size)
         magic, version, flags, hlen = MANIFEST_PREFIX.unpack(prefix)
         if magic != MANIFEST_MAGIC:
@@ -398,13 +511,13 @@ class ManifestReader:
         return raw
 
     def _reopen(self, seq: int) -> None:
-        """Read the manifest object again, up to segment ``seq``. Repacking rewrites a
-        manifest in place (docs/format.md, "Repacking") while it may be streamed: the
-        windows after the rewrite come from the new object, at offsets of the old one.
-        Both versions hold the same blocks in the same segments (only where their blobs
-        live differs), so reading on from segment ``seq`` of the new version is sound;
-        a header that disagrees means it is not such a rewrite (DataError)."""
-        again = ManifestReader(self._c, self.backup_id, self.crypto, self._container)
+        """Open the manifest again and skip to segment ``seq``: the version being read was
+        removed because repacking committed a newer one (docs/format.md, "Manifest
+        versions"). All versions hold the same blocks in the same segments (only where
+        their blobs live differs), so reading on from segment ``seq`` of another is sound;
+        a header that disagrees means it is not such a version (DataError)."""
+        again = ManifestReader(self._c, self.backup_id, self.crypto, self._container,
+                               self._fixed)
         same = ("size", "block_size", "entries", "segments", "dedup_scope")
         if any(again.header.get(k) != self.header.get(k) for k in same):
             raise DataError(f"manifest {self.name} changed while it was read", self.name)
@@ -425,7 +538,7 @@ class ManifestReader:
             try:
                 raw = self._segment(dctx, seq)
             except DataError:
-                # Perhaps rewritten by a repack meanwhile: read on from the new object. A
+                # Perhaps replaced by a newer version meanwhile: read on from that. A
                 # manifest that is really damaged fails the same way again.
                 if retries >= 2:
                     raise

@@ -25,13 +25,17 @@ from blockvault.engine.errors import EngineError
 from blockvault.engine.format import (
     ContainerConfig,
     ManifestReader,
+    ManifestVersion,
+    ManifestVersions,
     entry_packs,
+    group_manifests,
     manifest_object,
+    manifest_versions,
     pack_object,
     record_object,
 )
 from blockvault.engine.marks import read_live_refs, read_marks, write_mark
-from blockvault.store import Container
+from blockvault.store import Container, ObjectInfo
 
 if TYPE_CHECKING:
     from blockvault.engine.engine import Engine
@@ -39,7 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 def discard(c: Container, backup_id: str) -> None:
-    """Remove a backup's manifest and record. Its packs become garbage for a collection."""
+    """Remove a backup's manifest (every version of it) and record. Its packs become
+    garbage for a collection."""
+    listed = manifest_versions(c, backup_id)
+    for v in sorted(listed.versions | listed.commits, reverse=True):
+        if v.generation:
+            c.delete(v.commit_name)
+            c.delete(v.name)
     c.delete(manifest_object(backup_id))
     c.delete(record_object(backup_id))
 
@@ -97,7 +107,7 @@ def collect_garbage(engine: Engine, container: str, c: Container,
     live = repacking.LiveBlobs() if engine.config.repack else None
     try:
         ref.execute("CREATE TABLE ref (pack BLOB PRIMARY KEY) WITHOUT ROWID")
-        _referenced(c, cfg, container, ref, live)
+        _referenced(c, cfg, container, ref, live, now, grace)
         # Reference lists of running backups count as references while they are fresh.
         in_use = set(read_live_refs(c, cfg.crypto, now, grace))
         ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)", ((p,) for p in in_use))
@@ -168,18 +178,44 @@ def collect_garbage(engine: Engine, container: str, c: Container,
 
 
 def _referenced(c: Container, cfg: ContainerConfig, container: str,
-                ref: sqlite3.Connection, live: repacking.LiveBlobs | None) -> None:
-    for mname in c.list("manifests/"):
-        bid = mname[len("manifests/"):]
-        try:
-            m = ManifestReader(c, bid, cfg.crypto, container)
-            for raw in m.raw_segments():
-                ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
-                                ((p,) for p in entry_packs(raw)))
-                if live is not None:
-                    live.add_segment(bid, m, raw)
-        except EngineError as e:  # corrupt, unknown version, sealed with another key
-            if c.stat(mname) is None:
-                continue  # deleted meanwhile: its packs are garbage too
-            raise EngineError(
-                f"garbage collection in {container} stopped, nothing deleted: {e}") from e
+                ref: sqlite3.Connection, live: repacking.LiveBlobs | None,
+                now: float, grace: float) -> None:
+    """Every pack some listed manifest version names goes into ``ref`` — committed or not,
+    current or superseded: a version is read until it is deleted. ``live`` gets the blobs of
+    each backup's newest committed version, the one repacking rewrites. Then superseded
+    versions are deleted (docs/format.md, "Manifest versions")."""
+    infos = {i.name: i for i in c.list_info("manifests/")}
+    for bid, listed in group_manifests(infos).items():
+        committed = listed.committed()
+        current = committed[0] if committed else None
+        for v in sorted(listed.versions, reverse=True):
+            try:
+                m = ManifestReader(c, bid, cfg.crypto, container, v.name)
+                for raw in m.raw_segments():
+                    ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
+                                    ((p,) for p in entry_packs(raw)))
+                    if live is not None and v == current:
+                        live.add_segment(bid, m, raw)
+            except EngineError as e:  # corrupt, unknown version, sealed with another key
+                if c.stat(v.name) is None:
+                    continue  # deleted meanwhile: its packs are garbage too
+                raise EngineError(
+                    f"garbage collection in {container} stopped, nothing deleted: {e}") from e
+        _tidy(c, listed, current, infos, now, grace)
+
+
+def _tidy(c: Container, listed: ManifestVersions, current: ManifestVersion | None,
+          infos: dict[str, ObjectInfo], now: float, grace: float) -> None:
+    """Delete the versions older than the newest committed one (a repack that committed a
+    newer one deletes them itself, unless it was stopped first), and commits left without
+    their version (a late commit of a version already superseded and deleted)."""
+    if current is not None:
+        for v in listed.versions | listed.commits:
+            if v < current:
+                if v.generation:
+                    c.delete(v.commit_name)
+                c.delete(v.name)
+    for v in listed.commits - listed.versions:
+        info = infos.get(v.commit_name)
+        if info is not None and now - info.mtime >= grace:
+            c.delete(v.commit_name)

@@ -10,20 +10,23 @@ A round, run by a collection after its sweep and condemnation:
 2. *copy* their live blobs, as stored (still compressed and encrypted), each checked against
    its id first, into new packs, uploaded; a blob whose block another live pack already
    holds (checked too) is not copied but pointed there, so duplicates merge;
-3. *rewrite* every manifest that references them, entries moved to the copies, each put only
-   if none of its packs is condemned and within ``gc_grace - 2 * store_lag`` of the round's
-   start (so no collection can condemn or sweep what it names before it is visible);
+3. *rewrite* every manifest that references them: a new version, entries moved to the
+   copies, put next to the old one only if none of its packs is condemned and within
+   ``gc_grace - 2 * store_lag`` of the round's start (so no collection can condemn or sweep
+   what it names before it is visible), committed once that is known, then the old
+   versions removed;
 4. *condemn* the old packs that no rewritten manifest still names, with an ordinary mark:
    the sweep a grace period later deletes them only if no manifest or reference list names
    them then, exactly as for any garbage.
 
-A crash anywhere leaves every manifest valid (old or rewritten, each naming packs that
+A crash anywhere leaves every committed manifest version valid (each naming packs that
 exist); the next collection finds what is still partly referenced and does it again.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -37,7 +40,7 @@ import zstandard
 from blockvault.engine import prune
 from blockvault.engine.codecs import thread_codecs
 from blockvault.engine.crypto import Crypto, SealError
-from blockvault.engine.errors import DataError, EngineError
+from blockvault.engine.errors import DataError
 from blockvault.engine.format import (
     CODEC_LZ4,
     CODEC_NONE,
@@ -48,9 +51,11 @@ from blockvault.engine.format import (
     ManifestReader,
     build_trailer,
     entry_packs,
-    manifest_object,
+    manifest_exists,
+    manifest_versions,
     pack_object,
     record_object,
+    version_object,
 )
 from blockvault.engine.index import Index
 from blockvault.engine.marks import read_marks, write_mark
@@ -146,8 +151,7 @@ def plan(engine: Engine, live: LiveBlobs, now: float, excluded: set[bytes]) -> l
 def repack(engine: Engine, container: str, c: Container, cfg: ContainerConfig,
            live: LiveBlobs, packs: list[bytes], excluded: set[bytes]) -> int:
     """Run one round over ``packs`` (from ``plan``; ``excluded`` as given to it). Returns
-    how many old packs it condemned. Raises EngineError if a rewritten manifest may name
-    a pack a concurrent collection deleted (see ``Round.rewrite``)."""
+    how many old packs it condemned."""
     key = str(engine._cache_path(container))
     with _busy_mu:
         if key in _busy:
@@ -327,22 +331,34 @@ class Round:
             "SELECT pack FROM uses WHERE manifest = ?", (backup_id,))}
 
     def rewrite(self, backup_id: str) -> set[bytes] | None:
-        """Rewrite one manifest with its entries in copied packs moved to the copies.
-        Returns the packs it names now, or None if it was left as it was.
+        """Write a new version of one backup's manifest with its entries in copied packs
+        moved to the copies, and commit it once it is known to be safe. Returns the packs
+        the version names, or None if none was committed (the previous version stands).
 
-        Safety (docs/format.md, "Repacking"): the put must not make a manifest name a
-        pack a collection may sweep before the manifest is visible. Marks older than
-        store_lag at the check are seen, and a manifest naming a condemned pack is left
-        alone; marks made later are swept only gc_grace after them, later than the put
-        plus store_lag as long as the put returns before the deadline. A put that returns
-        later (the process was paused in it) is checked against the marks after the fact."""
-        checked = time.monotonic()
-        if checked >= self.deadline:
+        Safety (docs/format.md, "Manifest versions"): a version is never written over
+        another; it is committed (``<name>.ok``) only once no collection can have deleted
+        a pack it names without having seen it, so readers, which take committed versions
+        only, never meet one naming a deleted pack. Marks older than store_lag at the check
+        are seen, and a manifest naming a condemned pack is left alone; marks made later
+        are swept only gc_grace after them, later than the put plus store_lag if the put
+        returns before the deadline. A put that returns later (the process was paused in
+        it) is checked against the marks, and its version deleted uncommitted if one of
+        them may have been swept."""
+        if time.monotonic() >= self.deadline:
+            return None
+        # Finished backups only: before its record a backup may still discard its
+        # manifest and write another (a pass after its end check), which a version
+        # derived from the first must not outlive.
+        if self.c.head(record_object(backup_id)) is None:
             return None
         condemned = frozenset().union(*(m.packs for m in read_marks(self.c, self.cfg.crypto)))
-        had_record = self.c.head(record_object(backup_id)) is not None
+        listed = manifest_versions(self.c, backup_id)
         try:
-            m = ManifestReader(self.c, backup_id, self.cfg.crypto, self.container)
+            m = ManifestReader(self.c, backup_id, self.cfg.crypto, self.container,
+                               newest=True)
+            older = listed.versions | listed.commits | {m.version}
+            new = version_object(backup_id, 1 + max(v.generation for v in older),
+                                 secrets.token_hex(8))
             with self.engine._manifest_builder(backup_id, self.cfg.crypto) as builder:
                 names, moved = self._moved_entries(m, builder)
                 if not moved:
@@ -355,26 +371,32 @@ class Round:
                     return None
                 header = {k: v for k, v in m.header.items()
                           if k not in ("backup_id", "entries", "segments", "version")}
-                self.engine._put_manifest(self.c, backup_id, builder, header)
+                self.engine._put_manifest(self.c, backup_id, builder, header, new.name)
         except DataError:
-            if self.c.stat(manifest_object(backup_id)) is None:
+            if not manifest_exists(self.c, backup_id):
                 return None  # deleted meanwhile
             raise
         took = time.monotonic() - self.started
         lost = prune.lost_references(self.engine, self.c, self.cfg, names, took, took)
         if lost or lost is None:
             # Only a put that returned after the deadline gets here, and only when another
-            # collection condemned one of its packs in that window: say so loudly.
-            log.error("repacking in %s: the rewritten manifest of backup %s was put after "
-                      "a pause of %.0f s and may name packs deleted meanwhile (%s); "
-                      "verify it", self.container, backup_id, took,
-                      "unknown" if lost is None else ", ".join(p.hex()[:12] for p in lost))
-            raise EngineError(f"repacking in {self.container} stopped: the manifest of "
-                              f"backup {backup_id} may name deleted packs; verify it")
-        if had_record and self.c.head(record_object(backup_id)) is None:
-            # Deleted while rewritten: the put must not bring its manifest back.
+            # collection condemned one of its packs in that window. Nobody has read this
+            # version: it goes, and the one it was made from stays in use.
+            log.warning("repacking in %s: the new manifest version of backup %s was put "
+                        "after a pause of %.0f s and may name packs deleted meanwhile; "
+                        "removed uncommitted, the previous version stands",
+                        self.container, backup_id, took)
+            self.c.delete(new.name)
+            return None
+        self.c.put(new.commit_name, b"")
+        if self.c.head(record_object(backup_id)) is None:
+            # Deleted while rewritten: the new version must not bring the backup back.
             prune.discard(self.c, backup_id)
             return set()
+        for v in older:  # superseded; a reader still streaming one reads on from `new`
+            if v.generation:
+                self.c.delete(v.commit_name)
+            self.c.delete(v.name)
         return names
 
     def _moved_entries(self, m: ManifestReader, builder) -> tuple[set[bytes], bool]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from blockvault.engine.blobs import Run, decode_run, raw_entries, runs
 from blockvault.engine.config import Progress, Throttle
 from blockvault.engine.errors import Cancelled, DataError, TargetError
-from blockvault.engine.format import ManifestReader, check_id, manifest_object
+from blockvault.engine.format import ManifestReader, check_id, manifest_exists, manifest_object
 from blockvault.engine.source import Target
 
 if TYPE_CHECKING:
@@ -180,8 +180,8 @@ def restore(engine: Engine, *, container: str, backup_id: str, target: Path | st
             cancelled: Callable[[], bool] | None = None) -> None:
     check_id(backup_id)
     c = engine.backend.open(container, create=False)
-    name = manifest_object(backup_id)
-    if c.head(name) is None:
+    if not manifest_exists(c, backup_id):
+        name = manifest_object(backup_id)
         raise DataError(f"manifest {name} is missing", name)
     cfg = engine._require_config(c, container)
     m = ManifestReader(c, backup_id, cfg.crypto, container)
