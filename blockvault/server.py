@@ -36,7 +36,13 @@ from blockvault.metrics.registry import Metrics
 from blockvault.service import policy
 from blockvault.service.backups import BackupService
 from blockvault.service.context import RequestContext
-from blockvault.service.heartbeats import BINARY_API, BINARY_BACKUP, Heartbeat, ServiceListing
+from blockvault.service.heartbeats import (
+    BINARY_API,
+    BINARY_BACKUP,
+    Heartbeat,
+    RouteWatch,
+    ServiceListing,
+)
 from blockvault.service.jobs import JobRunner
 from blockvault.service.quotas import QuotaDefaults, Quotas
 from blockvault.service.recovery import sweep_orphans
@@ -144,6 +150,9 @@ class Services:
             cinder_store=make_cinder_backend(settings, observer=self.metrics.store),
         )
         self.metrics.state.job_kinds = tuple(tasks.handlers())
+        self.metrics.state.down_time = settings.service_down_time
+        #: says in the log which jobs wait for a host no live worker serves
+        self.route_watch = RouteWatch(self.db, settings.service_down_time)
         self.runner = JobRunner(
             self.db,
             tasks.handlers(),
@@ -152,10 +161,12 @@ class Services:
             lease_seconds=settings.job_lease_seconds,
             data_dir=settings.data_dir,
             on_end=tasks.on_end,
-            maintenance=[tasks.collect_owed],
+            maintenance=[tasks.collect_owed, self.route_watch],
             maintenance_interval=settings.maintenance_seconds,
             retention=settings.job_retention,
             host=self.backends.host_name,
+            # jobs on volumes only where their disks are (docs/deployment.md, "Routing")
+            routes=self.backends.reachable(),
         )
         tasks.bind(self.runner)
         self.services = ServiceListing(self.db, settings.service_down_time)
@@ -182,7 +193,7 @@ class Services:
             # the runner's own row (its owner is known once it started)
             self.heartbeats.append(Heartbeat(
                 self.db, self.runner.owner, host, BINARY_BACKUP,
-                backends=[f"{host}@{name}" for name in self.backends.drivers],
+                backends=self.backends.reachable(),
                 interval=interval))
         for heartbeat in self.heartbeats:
             heartbeat.start()

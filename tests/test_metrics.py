@@ -538,7 +538,8 @@ def test_operations_doc_rules_use_metrics_that_exist(server, tmp_path):
 
 #: series for ``promtool test rules``: schedule s1 (hourly) last succeeded at 0 and alerts
 #: once 1.5 periods and the rule's 10 minutes have passed; s2 was made at 100 min and
-#: never ran (young: no alert); a verify fails at 31 min; the queue grows from the start.
+#: never ran (young: no alert); a verify fails at 31 min; the queue grows from the start;
+#: host B's jobs wait from 10 min (alert past 10 min of waiting), host A's never.
 RULE_TESTS = """
 rule_files: [bare.yml]
 evaluation_interval: 1m
@@ -569,6 +570,10 @@ tests:
         values: 0+60x150
       - series: blockvault_jobs{kind="create",state="queued"}
         values: 0+1x150
+      - series: blockvault_jobs_unroutable_oldest_age_seconds{host="hostb@rawfile"}
+        values: 0x10 0+60x140
+      - series: blockvault_jobs_unroutable_oldest_age_seconds{host="hosta@rawfile"}
+        values: 0x150
     alert_rule_test:
       - {eval_time: 95m, alertname: BlockvaultScheduleNotSucceeding, exp_alerts: []}
       - eval_time: 110m
@@ -582,4 +587,8 @@ tests:
       - eval_time: 60m
         alertname: BlockvaultJobQueueGrowing
         exp_alerts: [{exp_labels: {severity: warning}}]
+      - {eval_time: 19m, alertname: BlockvaultJobsUnroutable, exp_alerts: []}
+      - eval_time: 22m
+        alertname: BlockvaultJobsUnroutable
+        exp_alerts: [{exp_labels: {severity: warning, host: hostb@rawfile}}]
 """

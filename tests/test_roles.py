@@ -40,26 +40,40 @@ class Role:
         }
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir / f"{role}.log"
+        self._log_from = 0
+
+    def config_text(self) -> str:
+        # every process reaches the same volume files: one host, or a volume directory
+        # shared by all (docs/deployment.md, "Routing")
+        return (f'[blockvault]\n[backends.rawfile]\ndriver = "raw"\n'
+                f'root = "{self.shared / "volumes"}"\n')
 
     def start(self) -> Role:
+        return self.launch().ready()
+
+    def launch(self) -> Role:
+        """Start the process (without waiting for it: see ready())."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "blockvault.toml"
-        # every process reaches the same volume files (today every worker must reach
-        # every volume backend: docs/deployment.md)
-        config.write_text(f'[blockvault]\n[backends.rawfile]\ndriver = "raw"\n'
-                          f'root = "{self.shared / "volumes"}"\n')
+        config.write_text(self.config_text())
         args = ["--config", str(config), "--data-dir", str(self.data_dir)]
         if self.role == "api":
             args += ["--port", str(self.port)]
+        # a restart appends to the same log: only what this process writes counts
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blockvault.cli", self.role, *args],
             env={**os.environ, **self.env}, stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT)
+        return self
+
+    def ready(self) -> Role:
+        assert self.proc is not None
         deadline = time.monotonic() + 30
         ready = "listening on" if self.role == "api" else "running ("
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()
-            if ready in self.log():
+            if ready in self.log()[self._log_from:]:
                 if self.role == "worker":
                     return self
                 try:

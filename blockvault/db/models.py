@@ -116,6 +116,10 @@ class Volume(Base):
     #: the volume backend (blockvault.volume.backends) its disk is on; shown as Cinder's
     #: host HOST@BACKEND#POOL
     backend: Mapped[str | None] = mapped_column(String(255), default="rawfile")
+    #: the HOST of HOST@BACKEND#POOL: whose workers reach the disk (the backend's
+    #: ``backend_host`` or the host_name of the process that made or managed the volume;
+    #: None for rows from before migration 0010: this process's)
+    host: Mapped[str | None] = mapped_column(String(255))
     #: where the backend finds the disk (a path under a file root, a device, an NBD URI);
     #: None for blockvault's own raw files, found by id
     provider_location: Mapped[str | None] = mapped_column(String(1024))
@@ -296,6 +300,9 @@ class Job(Base):
     #: running, no other job of its kind may take the same key (ux_jobs_active_once)
     once_key: Mapped[str | None] = mapped_column(String(255))
     volume_id: Mapped[str | None] = mapped_column(String(36))
+    #: HOST@BACKEND of the volume the job reads or writes: only a runner announcing it
+    #: claims the job; None (store-only work: delete, verify, import) any runner
+    route: Mapped[str | None] = mapped_column(String(255))
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     #: queued -> running -> done | failed
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, aliased
 
 from blockvault.db.models import Backup, Job, Schedule, Volume, db_now
 from blockvault.db.session import Database
+from blockvault.service.heartbeats import live_routes, queued_by_route
 
 log = logging.getLogger("blockvault.metrics")
 
@@ -53,11 +54,13 @@ def _epoch(when: dt.datetime | str | None) -> float:
 class StateCollector(Collector):
     """A prometheus_client collector over the metadata DB (registered once per Services)."""
 
-    def __init__(self, db: Database, job_kinds: Sequence[str] = (), max_containers: int = 100
-                 ) -> None:
+    def __init__(self, db: Database, job_kinds: Sequence[str] = (), max_containers: int = 100,
+                 down_time: float = 60.0) -> None:
         self.db = db
         self.job_kinds = tuple(job_kinds)
         self.max_containers = max(1, int(max_containers))
+        #: a worker whose heartbeat is older is not live (the service_down_time setting)
+        self.down_time = float(down_time)
 
     def describe(self) -> list[Metric]:
         # Nothing up front: describing would mean querying the DB at registration.
@@ -157,7 +160,27 @@ class StateCollector(Collector):
         return [jobs, GaugeMetricFamily(
             "blockvault_jobs_oldest_queued_age_seconds", "How long the oldest queued job "
             "has waited (since it was queued, by the database's clock), 0 when none "
-            "waits.", value=age)]
+            "waits.", value=age), *self._routes(s)]
+
+    def _routes(self, s: Session) -> list[Metric]:
+        # One series per HOST@BACKEND a live worker announces or a queued job needs, so a
+        # host's series is there (at 0) before its worker goes away.
+        live = live_routes(s, self.down_time)
+        queued = queued_by_route(s)
+        unroutable = GaugeMetricFamily(
+            "blockvault_jobs_unroutable", "Queued jobs on volumes of a HOST@BACKEND that no "
+            "live backup worker reaches (none announced it within service_down_time): "
+            "they wait, their backups and volumes keep their status, until a worker "
+            "reaching it runs again.", labels=["host"])
+        oldest = GaugeMetricFamily(
+            "blockvault_jobs_unroutable_oldest_age_seconds", "How long the oldest of "
+            "those jobs has waited (by the database's clock), 0 when none waits.",
+            labels=["host"])
+        for route in sorted(live | set(queued)):
+            n, age = queued.get(route, (0, 0.0)) if route not in live else (0, 0.0)
+            unroutable.add_metric([route], n)
+            oldest.add_metric([route], age)
+        return [unroutable, oldest]
 
     # -- verify ------------------------------------------------------------------------------
 

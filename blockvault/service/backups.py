@@ -99,9 +99,13 @@ def set_backup_status(s: Session, backup_id: str, expected: tuple[str, ...], **v
 
 
 def queue_job(
-    s: Session, kind: str, backup_id: str, volume_id: str | None = None, **params: Any
+    s: Session, kind: str, backup_id: str, volume_id: str | None = None, *,
+    route: str | None = None, **params: Any
 ) -> None:
-    s.add(Job(kind=kind, backup_id=backup_id, volume_id=volume_id, params=params))
+    """Queue a job; ``route`` (HOST@BACKEND of the volume it reads or writes) keeps it for
+    the workers that reach that volume (blockvault.service.jobs)."""
+    s.add(Job(kind=kind, backup_id=backup_id, volume_id=volume_id, route=route,
+              params=params))
 
 
 def export_datetime(value: dt.datetime | None) -> str | None:
@@ -327,7 +331,7 @@ class BackupService:
                 vol.previous_status, vol.status = vol.status, "backing-up"
             vol.updated_at = utcnow()
             s.flush()
-            queue_job(s, "create", backup.id, volume_id)
+            queue_job(s, "create", backup.id, volume_id, route=self.volumes.route_of(vol))
         self.wake_workers()
         return backup
 
@@ -447,7 +451,8 @@ class BackupService:
         backup.updated_at = utcnow()
         vol.previous_status, vol.status = vol.status, "restoring-backup"
         vol.updated_at = utcnow()
-        queue_job(s, "restore", backup_id, volume_id, target_is_new=target_is_new)
+        queue_job(s, "restore", backup_id, volume_id, route=self.volumes.route_of(vol),
+                  target_is_new=target_is_new)
         return RestoreTarget(backup_id, volume_id, vol.display_name)
 
     def create_volume_from_backup(

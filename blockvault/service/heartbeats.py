@@ -2,7 +2,7 @@
 
 Every service process keeps a row in ``runners`` (blockvault.db.models.Runner) fresh: job
 runners as ``cinder-backup`` (with the HOST@BACKEND names of the volume backends they
-reach, kept for routing jobs by host later), API processes as ``cinder-api``. The listing
+reach: jobs on a volume are routed by them), API processes as ``cinder-api``. The listing
 shows one entry per (host, binary), as Cinder does: several API processes behind a load
 balancer on one host are one ``cinder-api`` service, up while any of them beats. A service
 is ``down`` when its newest heartbeat is older than ``service_down_time`` by the
@@ -11,15 +11,18 @@ database's clock (never a process's: hosts' clocks may disagree).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from blockvault.db.models import Runner, db_now
+from blockvault.db.models import Job, Runner, db_now
 from blockvault.db.session import Database
 from blockvault.service.context import RequestContext
 
@@ -115,3 +118,79 @@ class ServiceListing:
         ctx.authorize("volume_extension:services:index")
         with self.db.reader() as s:
             return list_services(s, self.down_time, host, binary)
+
+
+# -- routing: jobs no live worker reaches ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The queued jobs of one HOST@BACKEND that no live ``cinder-backup`` announces."""
+
+    route: str
+    jobs: int
+    oldest_seconds: float
+
+
+def live_routes(s: Session, down_time: float) -> set[str]:
+    """The HOST@BACKEND names announced by job runners that beat within ``down_time``
+    seconds (the DB's clock): the ``up`` ``cinder-backup`` services of os-services."""
+    routes: set[str] = set()
+    for (backends,) in s.execute(
+            select(Runner.backends).where(Runner.binary == BINARY_BACKUP,
+                                          Runner.seen_at >= db_now(-down_time))):
+        routes.update(b for b in (backends or []) if isinstance(b, str))
+    return routes
+
+
+def queued_by_route(s: Session) -> dict[str, tuple[int, float]]:
+    """route -> (queued jobs, seconds the oldest has waited) over routed queued jobs."""
+    out: dict[str, tuple[int, float]] = {}
+    for route, n, oldest, now in s.execute(
+            select(Job.route, func.count(), func.min(Job.created_at), db_now())
+            .where(Job.state == "queued", Job.route.is_not(None)).group_by(Job.route)):
+        oldest, now = _datetime(oldest), _datetime(now)
+        age = max(0.0, (now - oldest).total_seconds()) if oldest and now else 0.0
+        out[route] = (n, age)
+    return out
+
+
+def unroutable_jobs(s: Session, down_time: float) -> list[Waiting]:
+    """Queued jobs whose volume's HOST@BACKEND no live worker reaches: they wait (queued,
+    their backup or volume status unchanged) until a worker announcing it beats again."""
+    live = live_routes(s, down_time)
+    return [Waiting(route, n, age) for route, (n, age) in sorted(queued_by_route(s).items())
+            if route not in live]
+
+
+def _datetime(value: Any) -> dt.datetime | None:
+    # SQLite hands an aggregate or db_now() back as text when it loses the column's type
+    return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+class RouteWatch:
+    """A maintenance task of workers: says in the log which jobs wait for a host no live
+    worker serves (at once, then every ``repeat`` seconds while they wait, and once when
+    they can run again). Every worker logs it; the metric
+    ``blockvault_jobs_unroutable`` shows the same from any process."""
+
+    def __init__(self, db: Database, down_time: float, repeat: float = 300.0) -> None:
+        self.db, self.down_time, self.repeat = db, float(down_time), repeat
+        #: route -> when (monotonic) it was last logged as waiting
+        self._said: dict[str, float] = {}
+
+    def __call__(self) -> list[Waiting]:
+        with self.db.reader() as s:
+            waiting = unroutable_jobs(s, self.down_time)
+        now = time.monotonic()
+        for w in waiting:
+            said = self._said.get(w.route)
+            if said is None or now - said >= self.repeat:
+                self._said[w.route] = now
+                log.warning("%d job(s) on volumes of %s wait (the oldest for %.0fs): no live "
+                            "backup worker reaches %s", w.jobs, w.route, w.oldest_seconds,
+                            w.route)
+        for route in set(self._said) - {w.route for w in waiting}:
+            del self._said[route]
+            log.info("jobs on volumes of %s are no longer waiting for a worker", route)
+        return waiting

@@ -9,6 +9,14 @@ transaction as the backup and volume status it writes (:func:`finish_job`). A st
 (its lease ran out and another attempt took over) therefore changes nothing, however late
 it wakes up. Leases are set and compared with the database's clock, never a worker's.
 
+Routing: a job on a volume (a backup reads it, a restore writes it) carries the volume's
+``HOST@BACKEND`` (``Job.route``); a runner claims it only if it announces that name (the
+backends configured where it runs, ``routes``). A block device or an NBD socket is
+reachable from one host only; a backend that several hosts reach alike (a shared file
+system) is given one ``backend_host`` on all of them, and its jobs go to any of their
+runners. Jobs on no volume (delete, verify, import) go to any runner. A job no live runner
+announces waits, queued (see blockvault.service.heartbeats.unroutable_jobs).
+
 Identity: a runner's owner name is stable across restarts of a process on the same data
 directory (host name + a slot id kept in ``data_dir/runner``, held with an exclusive file
 lock so two live processes never share it). At start a runner takes back at once the jobs
@@ -28,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -241,6 +249,7 @@ class JobRunner:
         retention: float = DEFAULT_RETENTION,
         name: str = "bv",
         host: str | None = None,
+        routes: list[str] | None = None,
     ) -> None:
         self.db = db
         self.handlers = handlers
@@ -254,6 +263,9 @@ class JobRunner:
         self.name = name
         #: the host its heartbeat row names (Cinder's ``host``; os-services lists it)
         self.host = host or socket.gethostname()
+        #: the HOST@BACKEND names of the volumes this runner reaches; None: every volume
+        #: (a runner built without backends, as tests of the runner alone do)
+        self.routes = None if routes is None else list(routes)
         self.data_dir = data_dir
         #: seconds a finished job is kept (see prune); <= 0 keeps every job
         self.retention = float(retention)
@@ -472,11 +484,13 @@ class JobRunner:
         win a job; a worker that loses one tries the next."""
         with self.db.session() as s:
             busy = select(Job.backup_id).where(Job.state == "running")
+            # a volume's job only where its disk is (jobs on no volume: anywhere)
+            routed = self._routed()
             for project in projects_in_turn(s):
                 candidates = s.scalars(
                     select(Job)
                     .where(Job.state == "queued", Job.project_id == project,
-                           Job.backup_id.not_in(busy))
+                           Job.backup_id.not_in(busy), routed)
                     .order_by(Job.created_at)
                     .limit(5)
                 ).all()
@@ -484,6 +498,14 @@ class JobRunner:
                     if self._take(s, job):
                         return job
         return None
+
+    def _routed(self) -> Any:
+        """The jobs this runner may claim: on no volume, or on a volume it reaches."""
+        if self.routes is None:
+            return true()
+        if not self.routes:
+            return Job.route.is_(None)
+        return or_(Job.route.is_(None), Job.route.in_(self.routes))
 
     def _take(self, s: Session, job: Job) -> bool:
         token = uuid.uuid4().hex

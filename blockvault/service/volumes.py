@@ -229,6 +229,7 @@ class VolumeService:
         vol = self._new_row(s, ctx, check_size(size), name, description, metadata,
                             status="creating", snapshot_id=snapshot_id,
                             source_volid=source_volid, backend=self.backends.default,
+                            host=self.backends.backend_host(self.backends.default),
                             owns_disk=True)
         s.flush()
         try:
@@ -319,7 +320,8 @@ class VolumeService:
                 )
             vol = self._new_row(s, ctx, size, name, description, metadata,
                                 status="available", bootable=bool(bootable),
-                                backend=backend.name, provider_location=found.location,
+                                backend=backend.name, host=self.backends.backend_host(
+                                    backend.name), provider_location=found.location,
                                 provider_info=dict(found.info), owns_disk=False,
                                 updated_at=utcnow())
         return vol
@@ -410,7 +412,11 @@ class VolumeService:
         return out
 
     def host_of(self, vol: Volume) -> str:
-        return self.backends.host(vol.backend)
+        return self.backends.host(vol.backend, vol.host)
+
+    def route_of(self, vol: Volume) -> str:
+        """``HOST@BACKEND`` of a volume: which workers may run its backups and restores."""
+        return self.backends.route(vol.backend, vol.host)
 
     def get(self, ctx: RequestContext, volume_id: str, rule: str = "volume:get") -> Volume:
         with self.db.reader() as s:

@@ -17,6 +17,11 @@ more in TOML::
     [backends.vms]
     driver = "nbd"             # NBD exports (blockvault/volume/nbd.py)
 
+Every backend also takes ``pool`` and ``backend_host`` (Cinder's option: the HOST of its
+volumes instead of ``host_name``, the same on every host that reaches the same storage).
+A volume keeps its HOST (``volumes.host``); jobs on it are routed to workers announcing
+its ``HOST@BACKEND`` (:meth:`Backends.reachable`, blockvault.service.jobs).
+
 The driver interface (what the service uses; one class per driver, registered in
 :data:`DRIVERS`)::
 
@@ -192,6 +197,13 @@ class VolumeDriver:
         options = dict(options)
         options.pop("driver", None)
         self.pool = str(options.pop("pool", name))
+        #: Cinder's ``backend_host``: the HOST its volumes are on, instead of the host's
+        #: own name; several hosts that reach the same storage (a shared file system)
+        #: give it one value, so any of their workers may run those volumes' jobs
+        self.backend_host = str(options.pop("backend_host", "") or "")
+        if any(c in self.backend_host for c in "@# "):
+            raise ValueError(f"backends.{name}: backend_host {self.backend_host!r} may not "
+                             "contain '@', '#' or spaces")
         self.options = options
 
     def unknown_options(self, allowed: set[str]) -> None:
@@ -344,12 +356,28 @@ class Backends:
             raise SourceError(name or "", f"Volume backend {name} is not configured.")
         return driver
 
-    def host(self, name: str | None) -> str:
-        """Cinder's ``HOST@BACKEND#POOL`` of a backend."""
+    def backend_host(self, name: str | None) -> str:
+        """The HOST of a backend's volumes: its ``backend_host``, else this host's name."""
+        driver = self.drivers.get(name or self.default)
+        return (driver.backend_host if driver is not None else "") or self.host_name
+
+    def host(self, name: str | None, host: str | None = None) -> str:
+        """Cinder's ``HOST@BACKEND#POOL`` of a backend (of a volume on ``host``, if given:
+        volumes of other hosts are shown with their own)."""
         name = name or self.default
         driver = self.drivers.get(name)
         pool = driver.pool if driver is not None else name
-        return f"{self.host_name}@{name}#{pool}"
+        return f"{host or self.backend_host(name)}@{name}#{pool}"
+
+    def route(self, name: str | None, host: str | None = None) -> str:
+        """``HOST@BACKEND``: which workers may run a job on a volume of this backend (on
+        ``host``, default this one): those announcing it (:meth:`reachable`)."""
+        name = name or self.default
+        return f"{host or self.backend_host(name)}@{name}"
+
+    def reachable(self) -> list[str]:
+        """What a worker here announces: ``HOST@BACKEND`` of every configured backend."""
+        return [self.route(name) for name in self.drivers]
 
     def parse_host(self, host: Any) -> VolumeDriver:
         """The backend ``host`` (``HOST@BACKEND[#POOL]``) names; InvalidReference if none."""
@@ -359,10 +387,11 @@ class Backends:
         hostname, at, name = rest.partition("@")
         if not at:
             raise InvalidReference(f"Host {host} is not of the form HOST@BACKEND#POOL.")
-        if hostname != self.host_name:
-            raise InvalidReference(f"Host {hostname} is not this service's host "
-                                   f"({self.host_name}).")
         driver = self.drivers.get(name)
+        if hostname != self.backend_host(name):
+            # the disk is checked here, in this process: another host's disks are not
+            raise InvalidReference(f"Host {hostname} is not this service's host "
+                                   f"({self.backend_host(name)}).")
         if driver is None:
             raise InvalidReference(f"Backend {name} of host {host} does not exist "
                                    f"(backends: {', '.join(sorted(self.drivers))}).")
