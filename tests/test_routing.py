@@ -173,3 +173,32 @@ def test_jobs_run_where_the_volume_is(hosts):
              "host A's worker to log that they no longer wait")
     target = b.restore(waiting[0])
     assert raw_sha256(api_b, target) == sums[vb]
+
+
+def test_backend_host_names_shared_storage(tmp_path):
+    """``backend_host`` (Cinder's option): a backend every host reaches alike is announced
+    under one HOST by all of them, so its volumes' jobs may run on any of their workers;
+    a host-local one under the host's own name."""
+    from blockvault.volume.backends import Backends, InvalidReference
+
+    tables = {"rawfile": {"driver": "raw", "root": str(tmp_path / "shared"),
+                          "backend_host": "shared"},
+              "images": {"driver": "file", "root": str(tmp_path / "local")}}
+    (tmp_path / "local").mkdir()
+    a, b = (Backends.from_config(tables, data_dir=tmp_path, host_name=h)
+            for h in ("hosta", "hostb"))
+    assert a.reachable() == ["shared@rawfile", "hosta@images"]
+    assert b.reachable() == ["shared@rawfile", "hostb@images"]
+    assert a.host("rawfile") == "shared@rawfile#rawfile"
+    # a volume keeps the host it was made on, whichever process shows it
+    assert a.host("images", "hostb") == "hostb@images#images"
+    assert a.route("images", "hostb") == "hostb@images"
+    # managing checks the disk here: only this process's own HOST of the backend
+    assert a.parse_host("hosta@images#images").name == "images"
+    with pytest.raises(InvalidReference, match="not this service's host"):
+        a.parse_host("hostb@images#images")
+    with pytest.raises(InvalidReference, match="not this service's host"):
+        a.parse_host("hosta@rawfile")
+    with pytest.raises(ValueError, match="backend_host"):
+        Backends.from_config({"x": {"driver": "raw", "backend_host": "a@b"}},
+                             data_dir=tmp_path, host_name="hosta")
