@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -58,6 +59,7 @@ from typing import BinaryIO
 import pytest
 
 from blockvault.engine import Cancelled, DataError, Engine, EngineConfig
+from blockvault.engine.format import group_manifests
 from blockvault.store import Backend, Container
 from blockvault.store.local import LocalBackend
 from tests.faults import LaggingBackend
@@ -104,6 +106,23 @@ class Rec:
     seq: int
     sha: str
     size: int
+
+
+class RepackLog(logging.Handler):
+    """Counts the repacking rounds of this process's engines (its log), so the summary
+    shows that repacking ran under the faults, and how often a version was found unsafe."""
+
+    def __init__(self, model: Model) -> None:
+        super().__init__(logging.INFO)
+        self.model = model
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "packs copied" in msg:
+            self.model.count("repack round condemned old packs")
+        elif "removed uncommitted" in msg:
+            self.model.count("repack version removed uncommitted")
+        self.model.event(msg)
 
 
 class Model:
@@ -293,7 +312,7 @@ for step in a["steps"]:
             b = a["backup"]
             eng.backup(container=a["container"], backup_id=b["id"], source=Path(b["source"]),
                        size=b["size"], parent_id=b["parent"], changed=b["changed"],
-                       cancelled=slow if a["poll_sleep"] else None)
+                       cancelled=slow if a["poll_sleep"] else None, record={"id": b["id"]})
             print("DONE", flush=True)
     except EngineError as e:
         print("FAILED", step, type(e).__name__, str(e).replace("\n", " "), flush=True)
@@ -315,6 +334,10 @@ class Soak:
         self.backend = LaggingBackend(LocalBackend(self.root), LAG)  # one shared listing
         self.pack_sizes = [rnd.choice([256 * KiB, 512 * KiB, 1 * MiB]) for _ in self.caches]
         self.m = Model(tmp / "soak.log")
+        self.repack_log = RepackLog(self.m)
+        repack_logger = logging.getLogger("blockvault.engine.repack")
+        repack_logger.setLevel(logging.INFO)
+        repack_logger.addHandler(self.repack_log)
         self.stalling = StallingBackend(self.backend, f"{seed}-stall", self.m)
         backends = [self.backend, self.stalling]
         self.engines = [
@@ -426,7 +449,7 @@ class Soak:
         try:
             eng.backup(container=CONTAINER, backup_id=bid, source=Path(b["source"]),
                        size=b["size"], parent_id=b["parent"], changed=b["changed"],
-                       cancelled=fault)
+                       cancelled=fault, record={"id": bid})
         except Cancelled:
             self.m.failed_with(bid, "cancelled")
             if fault.mode == "cancel" and fault.fired:
@@ -466,7 +489,11 @@ class Soak:
         stalling = self.stalling
         stalling.stalled.secs = 0.0
         try:
-            self.engine(rnd).clone_backup(container=CONTAINER, source_id=src, target_id=tid)
+            eng = self.engine(rnd)
+            eng.clone_backup(container=CONTAINER, source_id=src, target_id=tid)
+            # As the service does: a finished import has its record (repacking rewrites
+            # the manifests of finished backups only).
+            eng.write_record(container=CONTAINER, backup_id=tid, record={"id": tid})
         except DataError as e:
             self.m.failed_with(tid, "clone refused")
             stalled = stalling.stalled.secs
@@ -646,7 +673,7 @@ class Soak:
             snap, seq, digest = self.freeze(vol)
             bid = self.m.new_id(Rec(vol.idx, seq, digest, vol.size))
             self.engines[0].backup(container=CONTAINER, backup_id=bid, source=snap,
-                                   size=vol.size)
+                                   size=vol.size, record={"id": bid})
             snap.unlink()
             self.m.succeeded(bid)
         threads = [threading.Thread(target=self.worker, args=(i,), name=f"w{i}", daemon=True)
@@ -708,7 +735,7 @@ class Soak:
                 eng.discard(container=CONTAINER, backup_id=bid)  # the checks below go on
         time.sleep(GRACE + LAG)  # reference lists of killed backups expire
         m.event(f"drained in {self.drain('before the final restores'):.1f}s")
-        names = {p.name for p in self.store_files("manifests")}
+        names = set(group_manifests(f"manifests/{p.name}" for p in self.store_files("manifests")))
         if names != m.live:
             m.finding(f"manifests in the store != live backups: extra {sorted(names - m.live)}"
                       f", missing {sorted(m.live - names)}")
@@ -789,6 +816,7 @@ def test_soak_concurrent_operations_with_faults(tmp_path: Path) -> None:
                              f"event log: {log}\n{detail}") from e
     finally:
         if soak is not None:
+            logging.getLogger("blockvault.engine.repack").removeHandler(soak.repack_log)
             soak.m.close()
     summary = soak.summary() + f"\ntook {time.monotonic() - started:.1f}s"
     print(summary)

@@ -201,14 +201,24 @@ def _referenced(c: Container, cfg: ContainerConfig, container: str,
                     continue  # deleted meanwhile: its packs are garbage too
                 raise EngineError(
                     f"garbage collection in {container} stopped, nothing deleted: {e}") from e
-        _tidy(c, listed, current, infos, now, grace)
+        _tidy(c, bid, listed, current, infos, now, grace)
 
 
-def _tidy(c: Container, listed: ManifestVersions, current: ManifestVersion | None,
+def _tidy(c: Container, bid: str, listed: ManifestVersions, current: ManifestVersion | None,
           infos: dict[str, ObjectInfo], now: float, grace: float) -> None:
     """Delete the versions older than the newest committed one (a repack that committed a
     newer one deletes them itself, unless it was stopped first), and commits left without
-    their version (a late commit of a version already superseded and deleted)."""
+    their version (a late commit of a version already superseded and deleted).
+
+    Repacking writes versions only for backups with a record, and only a delete removes a
+    record: versions of a backup without one are what a delete missed in a listing that
+    did not show them yet, and go too (version 0 stays: it may be a running backup's)."""
+    later = {v for v in listed.versions | listed.commits if v.generation}
+    if later and c.head(record_object(bid)) is None:
+        for v in sorted(later, reverse=True):
+            c.delete(v.commit_name)
+            c.delete(v.name)
+        return
     if current is not None:
         for v in listed.versions | listed.commits:
             if v < current:

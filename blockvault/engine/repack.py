@@ -390,7 +390,11 @@ class Round:
             return None
         self.c.put(new.commit_name, b"")
         if self.c.head(record_object(backup_id)) is None:
-            # Deleted while rewritten: the new version must not bring the backup back.
+            # Deleted while rewritten: the new version must not bring the backup back (a
+            # listing may not show it yet, so it is named; a delete that came after this
+            # check and missed it in a lagging listing leaves it to the next collection).
+            self.c.delete(new.commit_name)
+            self.c.delete(new.name)
             prune.discard(self.c, backup_id)
             return set()
         for v in older:  # superseded; a reader still streaming one reads on from `new`
