@@ -52,7 +52,7 @@ from blockvault.service.tasks import Tasks
 from blockvault.service.volumes import VolumeService
 from blockvault.store import Backend
 from blockvault.store.factory import backup_service_name, make_backend, make_cinder_backend
-from blockvault.volume.backends import Backends
+from blockvault.volume.backends import Backends, resolve_host_name
 
 log = logging.getLogger("blockvault")
 
@@ -108,8 +108,10 @@ class Services:
         self.metrics = Metrics(self.db)
         self.backend = make_backend(settings, observer=self.metrics.store)
         self.engine = make_engine(settings, self.backend)
+        # an unset host_name is the one kept in data_dir: stable across hostname changes
         self.backends = Backends.from_config(
-            settings.backends, data_dir=settings.data_dir, host_name=settings.host_name)
+            settings.backends, data_dir=settings.data_dir,
+            host_name=resolve_host_name(settings.host_name, settings.data_dir))
         #: the embedded default backend's raw files (volumes blockvault creates)
         self.driver = self.backends.raw.files
         self.quotas = Quotas(

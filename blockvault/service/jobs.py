@@ -204,10 +204,12 @@ class DurableWriter:
 # -- identity -----------------------------------------------------------------------------------
 
 
-def stable_identity(data_dir: Path | None) -> tuple[str, int | None]:
+def stable_identity(data_dir: Path | None, host: str | None = None) -> tuple[str, int | None]:
     """(owner name, fd of the held slot lock). The same data dir gives the same name after a
-    restart; two live processes on one data dir get different slots."""
-    host = socket.gethostname()
+    restart; two live processes on one data dir get different slots. ``host``: the runner's
+    host_name (default the machine's hostname), so a restart that finds a new hostname but
+    the same host_name (kept in data_dir when unset) still takes back its own jobs."""
+    host = host or socket.gethostname()
     if data_dir is None:
         return f"{host}:{uuid.uuid4().hex[:12]}", None
     slots = Path(data_dir) / "runner"
@@ -289,7 +291,7 @@ class JobRunner:
 
     def start(self) -> None:
         if self.data_dir is not None:
-            self.owner, self._identity_fd = stable_identity(self.data_dir)
+            self.owner, self._identity_fd = stable_identity(self.data_dir, self.host)
         self._register()
         self.recover_own()
         self.recover_quietly()

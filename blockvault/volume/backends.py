@@ -404,13 +404,69 @@ class Backends:
         return iter(self.drivers.values())
 
 
+#: where an unset ``host_name`` is kept, in the data directory (resolve_host_name)
+HOST_NAME_FILE = "host_name"
+
+
+def resolve_host_name(configured: str, data_dir: Path, *, persist: bool = True) -> str:
+    """The HOST this process's volumes, jobs and heartbeats name.
+
+    A configured ``host_name`` wins (and nothing is written). Otherwise the name kept in
+    ``data_dir/host_name``: the first start writes the machine's hostname there and every
+    later start reads it back, so volumes keep reaching their workers when the hostname
+    changes (a container gets a new one at every start; docs/deployment.md, "Routing").
+    ``persist=False`` (admin commands) reads the file but never creates it."""
+    if configured:
+        return configured
+    path = Path(data_dir) / HOST_NAME_FILE
+    try:
+        return _persisted_name(path)
+    except FileNotFoundError:
+        pass
+    name = socket.gethostname()
+    if not persist:
+        return name
+    # Atomic: written whole under a private name, then linked into place. link() never
+    # replaces, so of two processes starting at once on one data dir, the first one's
+    # name is the one both use.
+    tmp = path.with_name(f".{HOST_NAME_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, f"{name}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the link itself survives a power loss
+    finally:
+        os.close(dir_fd)
+    return _persisted_name(path)
+
+
+def _persisted_name(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not text or any(c in text for c in "@# \t\n"):
+        raise ValueError(
+            f"{path} holds {text!r}, not a host name (no '@', '#' or spaces). Put this "
+            "host's name there, or set host_name; volumes made under another name move "
+            "with 'blockvault volume update-host'.")
+    return text
+
+
 def same_file(st: os.stat_result, info: dict[str, Any]) -> bool:
     """Whether ``st`` is the file recorded in ``info`` (device and inode)."""
     return st.st_dev == info.get("dev") and st.st_ino == info.get("ino")
 
 
 __all__ = [
-    "DEFAULT_BACKEND", "DRIVERS", "Backends", "BackupSource", "Candidate", "Disk",
-    "InvalidReference", "Managed", "Parent", "RawDriver", "RestoreTarget", "SourceError",
-    "VolumeDriver", "driver_class", "same_file"
+    "DEFAULT_BACKEND", "DRIVERS", "HOST_NAME_FILE", "Backends", "BackupSource", "Candidate",
+    "Disk", "InvalidReference", "Managed", "Parent", "RawDriver", "RestoreTarget", "SourceError",
+    "VolumeDriver", "driver_class", "resolve_host_name", "same_file"
 ]
