@@ -182,26 +182,29 @@ def _referenced(c: Container, cfg: ContainerConfig, container: str,
                 now: float, grace: float) -> None:
     """Every pack some listed manifest version names goes into ``ref`` — committed or not,
     current or superseded: a version is read until it is deleted. ``live`` gets the blobs of
-    each backup's newest committed version, the one repacking rewrites. Then superseded
-    versions are deleted (docs/format.md, "Manifest versions")."""
+    each backup's newest committed version, the one repacking rewrites. Then, all of them
+    read, superseded versions are deleted (docs/format.md, "Manifest versions")."""
     infos = {i.name: i for i in c.list_info("manifests/")}
-    for bid, listed in group_manifests(infos).items():
+    groups = group_manifests(infos)
+    current: dict[str, ManifestVersion | None] = {}
+    for bid, listed in groups.items():
         committed = listed.committed()
-        current = committed[0] if committed else None
+        current[bid] = committed[0] if committed else None
         for v in sorted(listed.versions, reverse=True):
             try:
                 m = ManifestReader(c, bid, cfg.crypto, container, v.name)
                 for raw in m.raw_segments():
                     ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
                                     ((p,) for p in entry_packs(raw)))
-                    if live is not None and v == current:
+                    if live is not None and v == current[bid]:
                         live.add_segment(bid, m, raw)
             except EngineError as e:  # corrupt, unknown version, sealed with another key
                 if c.stat(v.name) is None:
                     continue  # deleted meanwhile: its packs are garbage too
                 raise EngineError(
                     f"garbage collection in {container} stopped, nothing deleted: {e}") from e
-        _tidy(c, bid, listed, current, infos, now, grace)
+    for bid, listed in groups.items():
+        _tidy(c, bid, listed, current[bid], infos, now, grace)
 
 
 def _tidy(c: Container, bid: str, listed: ManifestVersions, current: ManifestVersion | None,
