@@ -647,6 +647,42 @@ def _key_db(config_file: str | None, data_dir: str | None) -> Any:
     return settings, db
 
 
+# -- volume update-host (against the service's database, as the operator) ---------------
+
+
+@volume.command("update-host")
+@_server_options
+@click.option("--current-host", required=True, metavar="HOST@BACKEND",
+              help="Where the volumes are now (as os-vol-host-attr:host, without #POOL).")
+@click.option("--new-host", required=True, metavar="HOST@BACKEND",
+              help="Where they go: a backend of this configuration, or one a worker "
+                   "announces.")
+def volume_update_host(config_file: str | None, data_dir: str | None, current_host: str,
+                       new_host: str) -> None:
+    """Move every volume of --current-host to --new-host, and its unfinished jobs with
+    them (cinder-manage volume update_host): after a host's rename, or a backend's.
+
+    Works on the service's database directly: run it as the operator, with the
+    --config/--data-dir the service runs with."""
+    from blockvault.service.rehoming import UpdateHostError, update_host
+    from blockvault.volume.backends import Backends, resolve_host_name
+
+    settings, db = _key_db(config_file, data_dir)
+    try:
+        # this configuration's backends, named as its service names them (the host_name
+        # kept in data_dir is read, never written, by an admin command)
+        backends = Backends.from_config(
+            settings.backends, data_dir=settings.data_dir,
+            host_name=resolve_host_name(settings.host_name, settings.data_dir, persist=False))
+        moved = update_host(db, backends, current_host, new_host)
+    except (UpdateHostError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        db.dispose()
+    click.echo(f"moved {moved.volumes} volume(s) and {moved.jobs} unfinished job(s) from "
+               f"{current_host} to {new_host}")
+
+
 def _utc(value: Any) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
