@@ -399,6 +399,35 @@ def test_a_rewrite_paused_in_its_put_never_names_a_swept_pack(
     assert eng.verify(container="c").ok
 
 
+def test_a_version_a_delete_did_not_list_is_removed_by_the_next_collection(
+        tmp_path: Path) -> None:
+    """A repack commits a new version of b2's manifest; b2 is deleted before the listing
+    shows that version, so the delete removes version 0 and the record but not it. The
+    next collection removes it (versions exist only for backups with a record, and only a
+    delete removes one): b2 is gone for good and its data is freed."""
+    root = tmp_path / "store"
+    frozen: list[float] = []  # the listing's clock stops while the round and delete run
+    lagging = LaggingBackend(LocalBackend(root), LAG,
+                             clock=lambda: frozen[0] if frozen else time.monotonic())
+    eng = Engine(lagging, tmp_path / "cache", config())
+    _vol, digests = three_backups(eng, tmp_path)
+    time.sleep(GRACE * 1.1)
+    eng.delete(container="c", backup_id="b1")
+    time.sleep(LAG * 1.1)
+    frozen.append(time.monotonic())
+    assert eng.collect_garbage(container="c") is False  # b2 and b3 get new versions
+    eng.discard(container="c", backup_id="b2")  # its listing does not show b2's version
+    frozen.clear()
+    time.sleep(LAG * 1.1)  # now it does
+    assert eng.has_backup(container="c", backup_id="b2")  # a leftover, without its record
+    eng.collect_garbage(container="c")
+    assert not eng.has_backup(container="c", backup_id="b2")
+    assert not [p for p in (root / "c" / "manifests").iterdir() if p.name.startswith("b2")]
+    drain(eng)
+    assert restored(eng, "b3", tmp_path / "o") == digests["b3"]
+    assert eng.verify(container="c").ok
+
+
 _CHILD = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
