@@ -130,6 +130,73 @@ def test_a_skewed_clock_never_steals_a_live_lease(db_url, tmp_path, skew):
         services.db.dispose()
 
 
+def test_a_queued_job_wakes_an_idle_worker_while_another_is_busy(tmp_path):
+    """With a 30 s poll, only wake() can start a job soon. The first job wakes one worker
+    (which then stays busy); the second wakes the other, which must not sleep through it.
+    One worker is woken per job (not every worker, which would only race the first for
+    the same row), so a wake that reached no idle worker would leave the job queued."""
+    services = Services(load_settings(data_dir=tmp_path / "d"))
+    started: dict[str, str] = {}
+    release = threading.Event()
+
+    def hold(job: Job) -> None:
+        started[job.id] = threading.current_thread().name
+        assert release.wait(60)
+
+    runner = JobRunner(services.db, {"verify": hold}, lambda s, j, r: None, workers=2,
+                       poll_seconds=30, name="W")
+
+    def queue() -> str:
+        with services.db.session() as s:
+            job = Job(kind="verify", backup_id=str(uuid.uuid4()), params={})
+            s.add(job)
+            s.flush()
+            job_id = job.id
+        runner.wake()
+        return job_id
+
+    try:
+        runner.start()
+        time.sleep(0.5)  # both workers found the queue empty and sleep (up to 30 s)
+        first = queue()
+        _wait(lambda: first in started, 5, "a worker to take the first job")
+        second = queue()
+        _wait(lambda: second in started, 5, "the idle worker to take the second job")
+        assert started[first] != started[second]
+        release.set()
+
+        def ended() -> bool:
+            with services.db.reader() as s:
+                return all(s.get(Job, j).state == "done" for j in (first, second))
+
+        _wait(ended, 10, "both jobs to finish")
+    finally:
+        release.set()
+        runner.stop()
+        services.db.dispose()
+
+
+def test_a_short_backup_records_its_progress_with_its_outcome(tmp_path):
+    """A job writes no progress in its first second (a dirty-bitmap incremental is over
+    sooner); what it last reported is written with its outcome, so the progress resource
+    of a finished backup or restore shows all of it done."""
+    srv = Server(tmp_path / "bv").start()
+    try:
+        api = srv.client("alice", "p1")
+        vol = api.create_volume(1)
+        api.write(vol, 3 * MiB, os.urandom(MiB))
+        backup = api.create_backup(vol)
+        p = api.get(f"/backups/{backup}/progress").json()["progress"]
+        assert (p["operation"], p["job_state"], p["phase"]) == ("create", "done", "backup")
+        assert p["bytes_done"] == p["bytes_total"] == GiB
+        api.restore(backup, vol)
+        p = api.get(f"/backups/{backup}/progress").json()["progress"]
+        assert (p["operation"], p["job_state"], p["phase"]) == ("restore", "done", "restore")
+        assert p["bytes_done"] == p["bytes_total"] == GiB
+    finally:
+        srv.stop()
+
+
 class PausingEngine:
     """An engine whose backups stop after their work, before returning (the worker was
     paused, e.g. SIGSTOP or a long GC pause, right before recording the outcome)."""

@@ -104,8 +104,10 @@ def enqueue_once(s: Session, kind: str, backup_id: str, key: str, *,
 # -- fencing primitives (used by the runner and the handlers) --------------------------------
 
 
-def finish_job(s: Session, job: Job, state: str, error: str | None = None) -> bool:
-    """End ``job``'s current attempt as ``state`` if it still is the current attempt.
+def finish_job(s: Session, job: Job, state: str, error: str | None = None,
+               **values: Any) -> bool:
+    """End ``job``'s current attempt as ``state`` if it still is the current attempt
+    (``values``: further columns of the job row to write with it, e.g. its last progress).
 
     Call it first in the transaction that writes the attempt's outcome, and write nothing
     else when it returns False: another attempt owns the job now (on PostgreSQL the row
@@ -114,7 +116,7 @@ def finish_job(s: Session, job: Job, state: str, error: str | None = None) -> bo
     res = s.execute(
         update(Job)
         .where(Job.id == job.id, Job.token == job.token, Job.state == "running")
-        .values(state=state, error=error, finished_at=db_now(), lease_expires=None)
+        .values(state=state, error=error, finished_at=db_now(), lease_expires=None, **values)
     )
     return res.rowcount == 1
 
@@ -276,6 +278,11 @@ class JobRunner:
         # The stable identity is taken (and its slot locked) at start.
         self.owner, self._identity_fd = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}", None
         self._wake = threading.Condition()
+        #: wake() calls so far (under _wake): a worker that saw a new one since it last
+        #: looked at the queue looks again instead of sleeping through it
+        self._wakes = 0
+        #: time.monotonic() of the last lease recovery (see _recover_due)
+        self._recovered_at = 0.0
         self.stopping = threading.Event()
         #: set by drain(): workers claim nothing more (running jobs go on)
         self.draining = threading.Event()
@@ -310,7 +317,7 @@ class JobRunner:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()
-        self.wake()
+        self.wake(everyone=True)
         deadline = time.monotonic() + timeout
         for t in [*self._workers, *self._threads]:
             if t is not None:
@@ -325,7 +332,7 @@ class JobRunner:
         giving the handed-back attempts ``grace`` seconds to notice and clean up after
         themselves. Returns the ids of the jobs handed back."""
         self.draining.set()
-        self.wake()
+        self.wake(everyone=True)
         deadline = time.monotonic() + max(0.0, timeout)
         while self.running_jobs() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -368,9 +375,17 @@ class JobRunner:
             log.warning("job %s handed back to the queue: this runner is stopping", job_id)
         return handed
 
-    def wake(self) -> None:
+    def wake(self, everyone: bool = False) -> None:
+        """A job was queued (or re-queued): one idle worker looks at the queue now instead
+        of at its next poll. One, not all: a job is claimed by one worker, and every
+        other one woken would only race it for the same row (on SQLite, for the write
+        lock) while the claim is on the request's critical path. ``everyone``: stopping."""
         with self._wake:
-            self._wake.notify_all()
+            self._wakes += 1
+            if everyone:
+                self._wake.notify_all()
+            else:
+                self._wake.notify()
 
     def _register(self) -> None:
         def register(s: Session) -> None:
@@ -449,14 +464,17 @@ class JobRunner:
     def _recover(self, where: list[Any], extra: list[Any]) -> None:
         failed: list[Job] = []
         with self.db.session() as s:
-            for job in list(s.scalars(select(Job).where(Job.state == "running", *where))):
+            found = list(s.scalars(select(Job).where(Job.state == "running", *where)))
+            for job in found:
                 reason = (f"{job.kind} did not finish after {job.attempts} attempts; its "
                           "worker stopped each time")
                 if self._give_back(s, job, extra, reason):
                     failed.append(job)
         for job in failed:
             self._ended(job)
-        if failed or where:
+        # Only when jobs went back to the queue: a wake for nothing would set the other
+        # idle workers recovering and claiming in turn, each waking the next.
+        for _ in found:
             self.wake()
 
     def recover(self) -> None:
@@ -527,15 +545,27 @@ class JobRunner:
         s.refresh(job)
         return True
 
+    def _recover_due(self) -> None:
+        """Lease recovery at most once per poll interval per process, not after every
+        wake-up: a wake means a job was queued, and the claim it calls for should not wait
+        behind a scan (and a write transaction) that found nothing the last time."""
+        now = time.monotonic()
+        if now - self._recovered_at >= self.poll_seconds:
+            self._recovered_at = now
+            self.recover()
+
     def _work(self) -> None:
         delay = _BACKOFF_FIRST
         while not self.stopping.is_set() and not self.draining.is_set():
             try:
+                with self._wake:
+                    seen = self._wakes
                 job = self._claim()
                 if job is None:
                     with self._wake:
-                        self._wake.wait(self.poll_seconds)
-                    self.recover()
+                        if self._wakes == seen:  # no job queued since the claim began
+                            self._wake.wait(self.poll_seconds)
+                    self._recover_due()
                 else:
                     self._run(job)
                 delay = _BACKOFF_FIRST
@@ -578,7 +608,7 @@ class JobRunner:
 
     def _ended(self, job: Job) -> None:
         try:
-            with self.db.session() as s:
+            with self.db.reader() as s:  # a read: no write lock for it
                 row = s.get(Job, job.id)
                 state = row.state if row is not None else "gone"
                 current = row is not None and row.token == job.token

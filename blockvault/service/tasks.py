@@ -121,6 +121,45 @@ def backup_storage_id(backup: Backup) -> str:
     return backup.service_metadata or backup.id
 
 
+class Progress:
+    """A job's progress callback for the engine (the progress resource reads the job row).
+
+    Written at most once a second and at the end of each phase, but nothing during the
+    job's first second: a backup from a dirty bitmap is over in a fraction of one, and two
+    write transactions for it (the start of the index phase, the end of the read) cost
+    more than the rest of its bookkeeping while nobody could watch them. What it last
+    reported is written with the job's outcome instead (:meth:`Tasks._final`)."""
+
+    def __init__(self, db: Database, job: Job) -> None:
+        self.db, self.job = db, job
+        self.at = time.monotonic()  # the first write is due a second after the start
+        self.wrote = False
+        self.last: tuple[int, int, str] | None = None
+
+    def __call__(self, done: int, total: int, phase: str) -> None:
+        self.last = (done, total, phase)
+        now = time.monotonic()
+        if now - self.at < _CHECK_EVERY and (done < total or not self.wrote):
+            return
+        self.at, self.wrote = now, True
+        try:
+            with self.db.session() as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == self.job.id, Job.token == self.job.token)
+                    .values(bytes_done=done, bytes_total=total, phase=phase)
+                )
+        except Exception:  # progress is advisory; never fail a backup over it
+            log.debug("progress update failed", exc_info=True)
+
+    def values(self) -> dict[str, Any]:
+        """The job row's progress columns as last reported (none if nothing was)."""
+        if self.last is None:
+            return {}
+        done, total, phase = self.last
+        return {"bytes_done": done, "bytes_total": total, "phase": phase}
+
+
 class Tasks:
     def __init__(
         self,
@@ -195,7 +234,7 @@ class Tasks:
             if now - state["at"] >= _CHECK_EVERY:
                 state["at"] = now
                 try:
-                    with self.db.session() as s:
+                    with self.db.reader() as s:  # a read: no write lock for it
                         status = s.scalar(select(Backup.status)
                                           .where(Backup.id == job.backup_id))
                         current = attempt_is_current(s, job)
@@ -207,35 +246,21 @@ class Tasks:
 
         return cancelled
 
-    def _progress(self, job: Job) -> Callable[[int, int, str], None]:
-        state = {"at": 0.0}
-
-        def progress(done: int, total: int, phase: str) -> None:
-            now = time.monotonic()
-            if now - state["at"] < _CHECK_EVERY and done < total:
-                return
-            state["at"] = now
-            try:
-                with self.db.session() as s:
-                    s.execute(
-                        update(Job)
-                        .where(Job.id == job.id, Job.token == job.token)
-                        .values(bytes_done=done, bytes_total=total, phase=phase)
-                    )
-            except Exception:  # progress is advisory; never fail a backup over it
-                log.debug("progress update failed", exc_info=True)
-
-        return progress
+    def _progress(self, job: Job) -> Progress:
+        return Progress(self.db, job)
 
     def _final(self, job: Job, fn: Callable[[Session], Any] | None = None,
-               state: str = "done", error: str | None = None) -> Any:
+               state: str = "done", error: str | None = None,
+               progress: Progress | None = None) -> Any:
         """End this attempt: ``fn``'s writes and the job's ``state`` in one transaction,
-        retried until the DB takes it, and only while the attempt still owns the job.
+        retried until the DB takes it, and only while the attempt still owns the job
+        (with ``progress``: the job's last progress too, which a short job never wrote).
         Returns None for a stale attempt (nothing written), else ``fn``'s result (True
         without ``fn``)."""
+        values = progress.values() if progress is not None else {}
 
         def tx(s: Session) -> Any:
-            if not finish_job(s, job, state, error):
+            if not finish_job(s, job, state, error, **values):
                 return None
             return True if fn is None else fn(s)
 
@@ -252,7 +277,7 @@ class Tasks:
         """Remove an attempt's objects unless that attempt's storage id is the one the
         backup's row records. True if discarded."""
         try:
-            with self.db.session() as s:
+            with self.db.reader() as s:  # a read: no write lock for it
                 winner = s.scalar(select(Backup.service_metadata)
                                   .where(Backup.id == backup_id))
         except Exception:
@@ -275,7 +300,7 @@ class Tasks:
             return
         if is_cinder_service(job.params.get("backup_service")):
             return  # nothing was written: a Cinder import reads Cinder's objects in place
-        with self.db.session() as s:
+        with self.db.reader() as s:  # a read: no write lock for it
             backup = s.get(Backup, job.backup_id)
             container = backup.container if backup is not None else None
             winner = backup.service_metadata if backup is not None else None
@@ -331,7 +356,7 @@ class Tasks:
             self._final(job, lambda s: self._release_source(s, job))
             return
         opened: BackupSource | None = None
-        started = time.monotonic()
+        started, progress = time.monotonic(), self._progress(job)
         try:
             # Changed-region hints only for a backup of the live volume against its parent
             # (the backend's: tracked writes, a dirty bitmap).
@@ -349,7 +374,7 @@ class Tasks:
                     size=size,
                     parent_id=parent_sid,
                     record=record,
-                    progress=self._progress(job),
+                    progress=progress,
                     cancelled=self._watch(job, "creating"),
                     scope=project,
                 )
@@ -393,7 +418,7 @@ class Tasks:
             self._release_source(s, job)
             return ok
 
-        if self._final(job, won):
+        if self._final(job, won, progress=progress):
             self.metrics.backup_succeeded(
                 time.monotonic() - started, result.logical_bytes, result.stored_bytes,
                 result.new_blocks, result.reused_blocks, result.zero_blocks)
@@ -500,7 +525,7 @@ class Tasks:
                               fail_reason=None)
             return True
 
-        if self._final(job, restored):
+        if self._final(job, restored, progress=progress):
             self.metrics.restore_succeeded(seconds, written[0])
 
     # -- delete -----------------------------------------------------------------------------
