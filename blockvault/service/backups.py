@@ -267,10 +267,12 @@ class BackupService:
             if reason:
                 raise invalid_input(f"Container name {container} is not valid: {reason}")
         with self.db.session() as s:
+            candidates: list[Backup] = []
             if incremental:
                 # Parent candidates first, then the volume: the order a restore locks them
-                # in (backup, then volume), so the two never deadlock.
-                self._parent_candidates(s, ctx, volume_id)
+                # in (backup, then volume), so the two never deadlock. Locked, they are
+                # still what they were when the parent is chosen below: not read twice.
+                candidates = self._parent_candidates(s, ctx, volume_id)
             vol = visible_volume(s, ctx, volume_id, lock=True)
             snap = None
             if snapshot_id:
@@ -297,7 +299,7 @@ class BackupService:
 
             parent_id = None
             if incremental:
-                parent_id = self._choose_parent(s, ctx, volume_id, snap)
+                parent_id = self._choose_parent(candidates, snap)
 
             backup = Backup(
                 id=str(uuid.uuid4()),
@@ -350,9 +352,8 @@ class BackupService:
             )
         )
 
-    @classmethod
-    def _choose_parent(cls, s: Session, ctx: RequestContext, volume_id: str, snap: Any) -> str:
-        candidates = cls._parent_candidates(s, ctx, volume_id)
+    @staticmethod
+    def _choose_parent(candidates: list[Backup], snap: Any) -> str:
         usable = [
             b
             for b in candidates
