@@ -165,6 +165,29 @@ def test_nothing_to_repack_leaves_the_container_alone(tmp_path: Path) -> None:
     assert pack_names(root) == before
 
 
+@pytest.mark.parametrize("running", [("b3",), ("b2", "b3")])
+def test_packs_of_backups_without_a_record_are_left_alone(tmp_path: Path,
+                                                          running: tuple[str, ...]) -> None:
+    """Only finished backups' manifests are rewritten (a backup writes its record last).
+    Packs that a manifest without a record (a running backup's, debris of a killed one)
+    names are not copied: the copies could never replace them there, so the copying is
+    wasted, and every round would copy them again (collections then never settled: the
+    soak test, when its backups had no records)."""
+    root = tmp_path / "store"
+    eng = Engine(LocalBackend(root), tmp_path / "cache", config())
+    _vol, digests = three_backups(eng, tmp_path)
+    c = eng.backend.open("c", create=False)
+    for bid in running:  # as if still running; b1's packs are named by b2 and b3
+        c.delete(f"records/{bid}")
+    time.sleep(GRACE * 1.1)
+    before = pack_names(root)
+    eng.delete(container="c", backup_id="b1")
+    drain(eng)
+    assert pack_names(root) <= before  # nothing copied
+    for bid in ("b2", "b3"):
+        assert restored(eng, bid, tmp_path / "o") == digests[bid]
+
+
 class GatedGets(LocalBackend):
     """A store whose pack GETs (of engines built on it) wait at ``gate`` once ``armed``."""
 

@@ -165,7 +165,9 @@ def collect_garbage(engine: Engine, container: str, c: Container,
             waiting = True
         if live is not None:
             # Packs a running backup uses may hold blobs no manifest names yet: not judged.
-            excluded = condemned | set(fresh) | in_use
+            # Nor packs a manifest names that no round rewrites (of a backup without a
+            # record): copied, they would stay named, and be copied again every round.
+            excluded = condemned | set(fresh) | in_use | live.unmovable
             chosen = repacking.plan(engine, live, now, excluded)
             if chosen and (not repack or repacking.repack(engine, container, c, cfg, live,
                                                           chosen, excluded)):
@@ -186,6 +188,10 @@ def _referenced(c: Container, cfg: ContainerConfig, container: str,
     read, superseded versions are deleted (docs/format.md, "Manifest versions")."""
     infos = {i.name: i for i in c.list_info("manifests/")}
     groups = group_manifests(infos)
+    # Repacking rewrites only finished backups' manifests (with a record: see
+    # repack.Round.rewrite); a record a lagging listing does not show yet only defers it.
+    recorded = ({n[len("records/"):] for n in c.list("records/")} if live is not None
+                else set())
     current: dict[str, ManifestVersion | None] = {}
     for bid, listed in groups.items():
         committed = listed.committed()
@@ -196,7 +202,11 @@ def _referenced(c: Container, cfg: ContainerConfig, container: str,
                 for raw in m.raw_segments():
                     ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)",
                                     ((p,) for p in entry_packs(raw)))
-                    if live is not None and v == current[bid]:
+                    if live is None:
+                        continue
+                    if bid not in recorded:
+                        live.unmovable |= entry_packs(raw)
+                    elif v == current[bid]:
                         live.add_segment(bid, m, raw)
             except EngineError as e:  # corrupt, unknown version, sealed with another key
                 if c.stat(v.name) is None:

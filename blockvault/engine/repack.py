@@ -82,6 +82,8 @@ class LiveBlobs:
     packs, and the listed packs' sizes and ages."""
 
     def __init__(self) -> None:
+        #: packs named by manifests no round rewrites (of backups without a record)
+        self.unmovable: set[bytes] = set()
         self.db = sqlite3.connect("")
         # A scratch database thrown away after the collection: no journal, no syncs.
         self.db.executescript("""
