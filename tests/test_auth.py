@@ -4,6 +4,7 @@ by the real ``blockvault apikey`` CLI and used by httpx, the ``openstack`` CLI, 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -208,12 +209,16 @@ def test_revocation_is_immediate(server):
 
 def test_expired_key(server):
     project = _project()
-    key = create_key(server, project, expires="3s")
+    # Long enough for two CLI processes to start on a loaded machine (3 s was not).
+    key = create_key(server, project, expires="8s")
     [row] = list_keys(server, "--project", project)
     assert row["state"] == "active" and row["expires_at"]
+    expires_at = datetime.datetime.strptime(row["expires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.UTC)
     with api(server, key, project) as c:
         assert c.get("/backups").status_code == 200
-        time.sleep(3.5)
+        time.sleep(max(0.0, (expires_at - datetime.datetime.now(datetime.UTC))
+                       .total_seconds()) + 1.5)  # expires_at has whole seconds
         assert_401(c.get("/backups"))
     [row] = list_keys(server, "--project", project)
     assert row["state"] == "expired"
