@@ -122,7 +122,15 @@ class ParentEntries:
             a = self._pos + bisect.bisect_left(span, lo, key=self._index)
             b = a + bisect.bisect_left(range(a, self._n), hi, key=self._index)
             if b > a:
-                yield memoryview(self._raw)[a * ENTRY_SIZE : b * ENTRY_SIZE]
+                raw = self._raw
+                yield memoryview(raw)[a * ENTRY_SIZE : b * ENTRY_SIZE]
+                if self._raw is not raw:
+                    # A nested take() while this one was suspended (a block of this range
+                    # in a bad pack, read again and compared with the parent) consumed
+                    # the rest of that segment and moved on: go on from where it left
+                    # off. Setting _pos to ``b`` of the old segment skipped a whole
+                    # segment of the new one, and the backup lost those blocks.
+                    continue
             self._pos = b
             if b < self._n:  # the next entry is at or past ``hi``
                 return
@@ -584,7 +592,10 @@ class BackupRun:
         comparable = False  # a usable parent of this size: changed ranges apply
         if parent_id is not None:
             try:
-                pm = ManifestReader(self.c, parent_id, self.crypto, self.container)
+                # The newest version: an older one may name packs a repack condemned,
+                # whose blocks would be read from the volume again.
+                pm = ManifestReader(self.c, parent_id, self.crypto, self.container,
+                                    newest=True)
                 if pm.scope != self.scope:
                     # Its ids were made with another scope's key (a backup from before
                     # scopes, one imported from another project, or the setting changed):
