@@ -107,7 +107,7 @@ def collect_garbage(engine: Engine, container: str, c: Container,
     live = repacking.LiveBlobs() if engine.config.repack else None
     try:
         ref.execute("CREATE TABLE ref (pack BLOB PRIMARY KEY) WITHOUT ROWID")
-        _referenced(c, cfg, container, ref, live, now, grace)
+        tidied = _referenced(c, cfg, container, ref, live, now, grace, engine.config.store_lag)
         # Reference lists of running backups count as references while they are fresh.
         in_use = set(read_live_refs(c, cfg.crypto, now, grace))
         ref.executemany("INSERT OR IGNORE INTO ref VALUES (?)", ((p,) for p in in_use))
@@ -115,7 +115,7 @@ def collect_garbage(engine: Engine, container: str, c: Container,
         def unreferenced(pack: bytes) -> bool:
             return ref.execute("SELECT 1 FROM ref WHERE pack = ?", (pack,)).fetchone() is None
 
-        waiting = False
+        waiting = tidied  # packs only deleted versions named: garbage for the next one
         condemned: set[bytes] = set()
         for mark in read_marks(c, cfg.crypto):
             age = now - mark.time
@@ -181,11 +181,12 @@ def collect_garbage(engine: Engine, container: str, c: Container,
 
 def _referenced(c: Container, cfg: ContainerConfig, container: str,
                 ref: sqlite3.Connection, live: repacking.LiveBlobs | None,
-                now: float, grace: float) -> None:
+                now: float, grace: float, lag: float) -> bool:
     """Every pack some listed manifest version names goes into ``ref`` — committed or not,
     current or superseded: a version is read until it is deleted. ``live`` gets the blobs of
     each backup's newest committed version, the one repacking rewrites. Then, all of them
-    read, superseded versions are deleted (docs/format.md, "Manifest versions")."""
+    read, superseded versions are deleted (docs/format.md, "Manifest versions"): True if
+    any was (what only they named is garbage for the next collection)."""
     infos = {i.name: i for i in c.list_info("manifests/")}
     groups = group_manifests(infos)
     # Repacking rewrites only finished backups' manifests (with a record: see
@@ -213,15 +214,19 @@ def _referenced(c: Container, cfg: ContainerConfig, container: str,
                     continue  # deleted meanwhile: its packs are garbage too
                 raise EngineError(
                     f"garbage collection in {container} stopped, nothing deleted: {e}") from e
+    tidied = False
     for bid, listed in groups.items():
-        _tidy(c, bid, listed, current[bid], infos, now, grace)
+        tidied |= _tidy(c, bid, listed, current[bid], infos, now, grace, lag)
+    return tidied
 
 
 def _tidy(c: Container, bid: str, listed: ManifestVersions, current: ManifestVersion | None,
-          infos: dict[str, ObjectInfo], now: float, grace: float) -> None:
-    """Delete the versions older than the newest committed one (a repack that committed a
-    newer one deletes them itself, unless it was stopped first), and commits left without
-    their version (a late commit of a version already superseded and deleted).
+          infos: dict[str, ObjectInfo], now: float, grace: float, lag: float) -> bool:
+    """Delete the versions older than the newest committed one once that one's commit is
+    store_lag old, so every listing shows it (a repack that committed a newer one deletes
+    them itself as soon as its listing shows it, unless it was stopped first or its
+    listing lagged), and commits left without their version (a late commit of a version
+    already superseded and deleted).
 
     Repacking writes versions only for backups with a record, and only a delete removes a
     record: versions of a backup without one are what a delete missed in a listing that
@@ -231,14 +236,18 @@ def _tidy(c: Container, bid: str, listed: ManifestVersions, current: ManifestVer
         for v in sorted(later, reverse=True):
             c.delete(v.commit_name)
             c.delete(v.name)
-        return
-    if current is not None:
+        return True
+    tidied = False
+    committed = infos.get(current.commit_name) if current and current.generation else None
+    if committed is not None and now - committed.mtime >= lag:
         for v in listed.versions | listed.commits:
             if v < current:
                 if v.generation:
                     c.delete(v.commit_name)
                 c.delete(v.name)
+                tidied = True
     for v in listed.commits - listed.versions:
         info = infos.get(v.commit_name)
         if info is not None and now - info.mtime >= grace:
             c.delete(v.commit_name)
+    return tidied

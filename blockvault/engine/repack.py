@@ -49,8 +49,10 @@ from blockvault.engine.format import (
     TRAILER_ENTRY,
     ContainerConfig,
     ManifestReader,
+    ManifestVersion,
     build_trailer,
     entry_packs,
+    group_manifests,
     manifest_exists,
     manifest_versions,
     pack_object,
@@ -190,6 +192,8 @@ class Round:
         """)
         self.crypto: dict[str, Crypto] = {}
         self.copied_from: set[bytes] = set()  # old packs whose live blobs all have copies
+        #: (backup id, committed version, the versions it supersedes), deleted at the end
+        self.superseded: list[tuple[str, ManifestVersion, set[ManifestVersion]]] = []
         self.new_packs: set[bytes] = set()
         self.index = Index(engine._cache_path(container))
         # The pack being built: stored blobs, trailer entries, moves waiting for its name.
@@ -207,6 +211,7 @@ class Round:
                 self._copy_pack(pack)
             self._seal()
             still = self._rewrite_all()
+            self._drop_superseded()
             done = sorted(self.copied_from - still)
             if done:
                 write_mark(self.c, self.cfg.crypto, done)
@@ -399,11 +404,31 @@ class Round:
             self.c.delete(new.name)
             prune.discard(self.c, backup_id)
             return set()
-        for v in older:  # superseded; a reader still streaming one reads on from `new`
-            if v.generation:
-                self.c.delete(v.commit_name)
-            self.c.delete(v.name)
+        self.superseded.append((backup_id, new, older))
         return names
+
+    def _drop_superseded(self) -> None:
+        """Delete the versions the round's new ones supersede, once listings show the new
+        ones (a reader that found neither the old versions nor the new one in its listing
+        would find no manifest at all). Waits for that up to store_lag, at most a few
+        seconds; a slower listing leaves them to a later collection (prune._tidy)."""
+        until = time.monotonic() + min(self.engine.config.store_lag, 5.0)
+        while self.superseded:
+            shown = group_manifests(self.c.list("manifests/"))
+            waiting = []
+            for backup_id, new, older in self.superseded:
+                listed = shown.get(backup_id)
+                if listed is None or new not in listed.versions or new not in listed.commits:
+                    waiting.append((backup_id, new, older))
+                    continue
+                for v in older:  # a reader still streaming one reads on from `new`
+                    if v.generation:
+                        self.c.delete(v.commit_name)
+                    self.c.delete(v.name)
+            self.superseded = waiting
+            if not waiting or time.monotonic() >= until:
+                return
+            time.sleep(0.05)
 
     def _moved_entries(self, m: ManifestReader, builder) -> tuple[set[bytes], bool]:
         names: set[bytes] = set()
