@@ -350,3 +350,32 @@ def test_policy_command_prints_every_enforced_rule_and_only_those():
     checks = " ".join(registered.values())
     for name in {r.name for r in policy.BASE_RULES} - set(policy.LEGACY_BASE_RULES):
         assert f"rule:{name}" in checks or name == "context_is_admin", name
+
+
+def test_remembered_decisions_follow_caller_target_and_file(tmp_path):
+    """Policy remembers its decisions: each still belongs to its own rule, target and
+    caller, and a changed file takes effect at the next check."""
+    from types import SimpleNamespace
+
+    from blockvault.service.policy import Policy
+
+    policy_file = tmp_path / "policy.yaml"
+    p = Policy(policy_file)
+
+    def caller(project: str, *roles: str) -> SimpleNamespace:
+        return SimpleNamespace(user_id="u", project_id=project, roles=list(roles),
+                               is_admin="admin" in roles)
+
+    # roles as Keystone gives them: a member is a reader too (implied roles)
+    mine = {"project_id": "p1", "user_id": "u"}
+    for _ in range(2):  # the second round answers from memory: the same answers
+        assert p.allowed(caller("p1", "reader", "member"), "backup:get", mine)
+        assert not p.allowed(caller("p2", "reader", "member"), "backup:get", mine)
+        assert p.allowed(caller("p2", "admin"), "backup:get", mine)
+        assert not p.allowed(caller("p1", "reader"), "backup:create")
+        assert p.allowed(caller("p1", "reader", "member"), "backup:create")
+    policy_file.write_text('"backup:get": "role:admin"\n')
+    assert not p.allowed(caller("p1", "reader", "member"), "backup:get", mine)
+    assert p.allowed(caller("p2", "admin"), "backup:get", mine)
+    policy_file.unlink()
+    assert p.allowed(caller("p1", "reader", "member"), "backup:get", mine)
