@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from blockvault.db.models import Backup, Job, utcnow
@@ -135,6 +135,15 @@ def backup_record(backup: Backup) -> dict[str, Any]:
     record["driver_info"] = {}
     record["volume_meta"] = backup.volume_meta
     return record
+
+
+#: An incremental's parent candidates: every live backup of the volume in the project,
+#: locked (see BackupService._parent_candidates). Built once, only the ids are bound.
+_PARENT_CANDIDATES = select(Backup.id, Backup.status, Backup.data_timestamp).where(
+    Backup.volume_id == bindparam("volume_id"),
+    Backup.project_id == bindparam("project_id"),
+    Backup.deleted.is_(False),
+).with_for_update()
 
 
 class BackupService:
@@ -338,22 +347,18 @@ class BackupService:
         return backup
 
     @staticmethod
-    def _parent_candidates(s: Session, ctx: RequestContext, volume_id: str) -> list[Backup]:
+    def _parent_candidates(s: Session, ctx: RequestContext, volume_id: str) -> list[Row]:
         # Locked (SELECT ... FOR UPDATE): a concurrent delete of the parent, which locks
         # the same row and then looks for children, either commits first (the parent is no
         # longer 'available' here) or waits and then sees this new child and refuses.
-        return list(
-            s.scalars(
-                select(Backup).where(
-                    Backup.volume_id == volume_id,
-                    Backup.project_id == ctx.project_id,
-                    Backup.deleted.is_(False),
-                ).with_for_update()
-            )
-        )
+        # Only the columns the choice reads: a volume's chain grows with every backup, and
+        # whole ORM objects (metadata and volume_meta JSON each) made this read the
+        # costliest part of an incremental's create (FOR UPDATE still locks whole rows).
+        return list(s.execute(_PARENT_CANDIDATES, {"volume_id": volume_id,
+                                                   "project_id": ctx.project_id}))
 
     @staticmethod
-    def _choose_parent(candidates: list[Backup], snap: Any) -> str:
+    def _choose_parent(candidates: list[Row], snap: Any) -> str:
         usable = [
             b
             for b in candidates
