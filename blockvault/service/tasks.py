@@ -300,10 +300,10 @@ class Tasks:
             return
         if is_cinder_service(job.params.get("backup_service")):
             return  # nothing was written: a Cinder import reads Cinder's objects in place
-        with self.db.reader() as s:  # a read: no write lock for it
-            backup = s.get(Backup, job.backup_id)
-            container = backup.container if backup is not None else None
-            winner = backup.service_metadata if backup is not None else None
+        with self.db.reader() as s:  # a read: no write lock for it, nor the whole row
+            row = s.execute(select(Backup.container, Backup.service_metadata)
+                            .where(Backup.id == job.backup_id)).first()
+        container, winner = row if row is not None else (None, None)
         if job.kind == "import":
             record = job.params.get("record") or {}
             container = container or record.get("container") or self.default_container
@@ -338,6 +338,7 @@ class Tasks:
                 disk = disk_of(vol) if vol is not None else None
                 backend_name = vol.backend if vol is not None else None
                 dependent_of = backup.parent_id
+                source = (backup.volume_id, backup.snapshot_id)  # for _release_source
                 parent = s.get(Backup, backup.parent_id) if backup.parent_id else None
                 parent_ref = parent_sid = None
                 if (is_dedup_parent(parent) and parent.container == container
@@ -387,7 +388,7 @@ class Tasks:
         except Cancelled:
             log.info("backup %s (attempt %s) cancelled", job.backup_id, sid)
             self.metrics.backup_ended("cancelled")
-            self._final(job, lambda s: self._release_source(s, job))
+            self._final(job, lambda s: self._release_source(s, job, source=source))
             self._discard_unless_winner(container, job.backup_id, sid)
             self._owe_gc(container)  # packs it uploaded are garbage now
             return
@@ -415,7 +416,7 @@ class Tasks:
                     .where(Backup.id == dependent_of)
                     .values(num_dependent_backups=Backup.num_dependent_backups + 1)
                 )
-            self._release_source(s, job)
+            self._release_source(s, job, source=source)
             return ok
 
         if self._final(job, won, progress=progress):
@@ -431,25 +432,34 @@ class Tasks:
         if self._discard_unless_winner(container, job.backup_id, sid):
             self._owe_gc(container)
 
-    def _release_source(self, s: Any, job: Job, failed: bool = False) -> None:
-        """Put the volume (or snapshot) back to the status it had before the backup."""
-        backup = s.get(Backup, job.backup_id)
-        if backup is None:
-            return
-        if backup.snapshot_id:
+    def _release_source(self, s: Any, job: Job, failed: bool = False,
+                        source: tuple[str, str | None] | None = None) -> None:
+        """Put the volume (or snapshot) back to the status it had before the backup.
+
+        ``source``: the backup's (volume_id, snapshot_id), when the caller read them
+        already (neither ever changes); else they are read here. Writes only, no reads
+        of whole rows: this runs in a backup's outcome transaction, which holds SQLite's
+        write lock (issue 11: a short incremental's fixed cost)."""
+        if source is None:
+            source = s.execute(select(Backup.volume_id, Backup.snapshot_id)
+                               .where(Backup.id == job.backup_id)).first()
+            if source is None:
+                return
+        volume_id, snapshot_id = source
+        if snapshot_id:
             s.execute(
                 update(Snapshot)
-                .where(Snapshot.id == backup.snapshot_id, Snapshot.status == "backing-up")
+                .where(Snapshot.id == snapshot_id, Snapshot.status == "backing-up")
                 .values(status="available", updated_at=utcnow())
             )
             return
-        vol = s.get(Volume, backup.volume_id)
-        if vol is not None and vol.status == "backing-up":
-            set_volume_status(
-                s, vol.id, ("backing-up",),
-                status=vol.previous_status or "available",
-                previous_status="error_backing-up" if failed else "backing-up",
-            )
+        # One conditional UPDATE: the status it had (an empty or missing previous_status
+        # is 'available'); SET reads the row's values from before the update.
+        set_volume_status(
+            s, volume_id, ("backing-up",),
+            status=func.coalesce(func.nullif(Volume.previous_status, ""), "available"),
+            previous_status="error_backing-up" if failed else "backing-up",
+        )
 
     # -- restore ----------------------------------------------------------------------------
 
