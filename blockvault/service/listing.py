@@ -127,7 +127,11 @@ def list_resources(
         else:
             filters = {k: v for k, v in filters.items() if k in spec.user_filters}
 
-    stmt = select(model).where(model.deleted.is_(False))
+    # Rows, not ORM instances: a page is only read, and building 1000 instances (identity
+    # map, state tracking) cost ~90% of a 1000-row detail page. The models have no
+    # relationships or properties, so a row reads as the instance would.
+    stmt = select(*[getattr(model, key) for key in model.__mapper__.columns.keys()])
+    stmt = stmt.where(model.deleted.is_(False))
     if not (ctx.is_admin and all_tenants):
         stmt = stmt.where(model.project_id == ctx.project_id)
     for key, value in filters.items():
@@ -167,7 +171,7 @@ def list_resources(
         *[c.asc().nulls_first() if d == "asc" else c.desc().nulls_last() for c, d in order_cols]
     )
     stmt = stmt.offset(offset).limit(limit)
-    items = list(s.scalars(stmt))
+    items = list(s.execute(stmt))
     item_count = count if with_count else len(items)
     has_next = bool(items) and limit <= (item_count or 0)
     return Page(items, count, has_next)
