@@ -299,19 +299,19 @@ def round_100k(results, work: Path, db: str, args, tree: Path | None, label: str
             pg.drop()
 
 
-def round_backups(results, work: Path, args) -> None:
+def round_backups(results, work: Path, args, tree: Path | None, label: str) -> None:
     """show with 8 clients while two backups of 1 GiB volumes (random data) run."""
     import httpx
 
     # the 50 inserted backups are over the default quota (10): room for two more
-    servers = Servers(work, f"sqlite:///{work / 'bk.sqlite'}", 1, None,
+    servers = Servers(work, f"sqlite:///{work / 'bk.sqlite'}", 1, tree,
                       {"BLOCKVAULT_QUOTA_BACKUPS": "100"})
     base = f"http://127.0.0.1:{servers.ports[0]}/v3/{PROJECT}"
     try:
         ids = insert_backups(f"sqlite:///{work / 'bk.sqlite'}", 50)
         show = f"/v3/{PROJECT}/backups/{ids[17]}"
         idle = load(servers.ports, show, 8, args.seconds)
-        report(results, code="after", db="sqlite", processes=1, clients=8,
+        report(results, code=label, db="sqlite", processes=1, clients=8,
                request="show, no backup running", load=os.getloadavg()[0], **idle)
         with httpx.Client(headers={"X-Auth-Token": TOKEN}, timeout=600) as c:
             vols = []
@@ -331,7 +331,7 @@ def round_backups(results, work: Path, args) -> None:
                 made.append(r.json()["backup"]["id"])
             r = load(servers.ports, show, 8, args.seconds)
             running = [c.get(f"{base}/backups/{b}").json()["backup"]["status"] for b in made]
-            report(results, code="after", db="sqlite", processes=1, clients=8,
+            report(results, code=label, db="sqlite", processes=1, clients=8,
                    request="show, two backups running", load=os.getloadavg()[0],
                    backups_still_running_at_end=running.count("creating"), **r)
             while any(c.get(f"{base}/backups/{b}").json()["backup"]["status"] == "creating"
@@ -361,7 +361,9 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()}, {os.cpu_count()} CPUs", flush=True)
     try:
         if args.only_backups:
-            round_backups(results, work / "bk", args)
+            round_backups(results, work / "bk", args, None, "after")
+            if args.before:
+                round_backups(results, work / "bk-before", args, args.before, "before")
             return
         bare = Bare()
         try:
@@ -387,7 +389,9 @@ def main() -> None:
                 n += 1
                 round_100k(results, work / f"r{n}", db, args, args.before, "before")
         if not args.skip_backups:
-            round_backups(results, work / "bk", args)
+            round_backups(results, work / "bk", args, None, "after")
+            if args.before:
+                round_backups(results, work / "bk-before", args, args.before, "before")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"load average at end: {os.getloadavg()}", flush=True)

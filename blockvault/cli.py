@@ -45,11 +45,12 @@ def _listen_options(f: Any) -> Any:
 
 
 def _services(config_file: str | None, data_dir: str | None, log_level: str, *,
-              run_jobs: bool, serve_api: bool, **listen: Any) -> Any:
-    """Settings and Services for one role (docs/deployment.md)."""
+              run_jobs: bool, serve_api: bool, worker_process: bool = False,
+              **listen: Any) -> Any:
+    """Settings and Services for one role (docs/deployment.md). ``worker_process``: the
+    jobs run in a child ``blockvault worker`` (blockvault.worker_process), as ``serve``'s."""
     from blockvault.api.auth import check_listen
     from blockvault.config import load_settings
-    from blockvault.server import Services
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -59,9 +60,32 @@ def _services(config_file: str | None, data_dir: str | None, log_level: str, *,
         settings = load_settings(config_file, data_dir=data_dir, **listen)
         if serve_api:
             check_listen(settings)
-        return Services(settings, run_jobs=run_jobs, serve_api=serve_api)
+        worker = None
+        if worker_process:
+            from blockvault.worker_process import WorkerProcess
+
+            _count_across_processes(settings.data_dir / "metrics")
+            args = ["--log-level", log_level, "--data-dir", str(settings.data_dir)]
+            if config_file:
+                args += ["--config", config_file]
+            worker = WorkerProcess(args, settings.backup_workers)
+        from blockvault.server import Services  # after the metrics' mode is chosen
+
+        return Services(settings, run_jobs=run_jobs, serve_api=serve_api, worker=worker)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _count_across_processes(directory: Path) -> None:
+    """The API's ``GET /metrics`` counts what its worker process did too: prometheus_client's
+    multiprocess mode (each process's counters in files of ``directory``, summed when
+    served), chosen by the environment before prometheus_client is imported here or in the
+    child. The files of an earlier run are removed: counters start at zero with the
+    service, as a single process's do."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.db"):
+        old.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def _run_http(services: Any, log_level: str, role: str) -> None:
@@ -95,9 +119,9 @@ def _run_http(services: Any, log_level: str, role: str) -> None:
 @_listen_options
 def serve(config_file: str | None, host: str | None, port: int | None, data_dir: str | None,
           log_level: str) -> None:
-    """Run the API, the workers and the embedded stores in one process."""
-    services = _services(config_file, data_dir, log_level, run_jobs=True, serve_api=True,
-                         host=host, port=port)
+    """Run the API and the embedded stores, with the jobs in a worker process of its own."""
+    services = _services(config_file, data_dir, log_level, run_jobs=False, serve_api=True,
+                         worker_process=True, host=host, port=port)
     _run_http(services, log_level, "serve")
 
 
@@ -115,18 +139,28 @@ def api(config_file: str | None, host: str | None, port: int | None, data_dir: s
 
 @main.command()
 @_service_options
-def worker(config_file: str | None, data_dir: str | None, log_level: str) -> None:
+@click.option("--link-fd", type=int, default=None, hidden=True,
+              help="Run as the jobs of `blockvault serve`: its end of the link "
+                   "(blockvault.worker_process).")
+def worker(config_file: str | None, data_dir: str | None, log_level: str,
+           link_fd: int | None) -> None:
     """Run the jobs only (backups, restores, deletes, verifications), the scheduler and
     maintenance, until SIGTERM or SIGINT: then running jobs get shutdown_timeout seconds
     to finish and the rest go back to the queue for another worker."""
     import signal
     import threading
 
+    from blockvault.worker_process import ParentLink, die_with_parent
+
+    if link_fd is not None:
+        die_with_parent()
     services = _services(config_file, data_dir, log_level, run_jobs=True, serve_api=False)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     services.start()
+    if link_fd is not None:
+        ParentLink(link_fd, services.runner.wake, services.health, stop.set).start()
     click.echo(f"blockvault worker {services.runner.owner} running "
                f"({services.settings.backup_workers} job threads, "
                f"data in {services.settings.data_dir})", err=True)

@@ -53,6 +53,7 @@ from blockvault.service.volumes import VolumeService
 from blockvault.store import Backend
 from blockvault.store.factory import backup_service_name, make_backend, make_cinder_backend
 from blockvault.volume.backends import Backends, resolve_host_name
+from blockvault.worker_process import WorkerProcess
 
 log = logging.getLogger("blockvault")
 
@@ -91,13 +92,16 @@ class Services:
 
     Roles (docs/deployment.md): ``serve_api`` serves HTTP and beats as ``cinder-api``;
     ``run_jobs`` runs the job runner, the scheduler and maintenance and beats as
-    ``cinder-backup``. ``blockvault serve`` is both, ``api`` and ``worker`` one each; an
-    API without jobs only queues them in the DB, for workers elsewhere to claim."""
+    ``cinder-backup``. ``api`` and ``worker`` are one each; an API without jobs only queues
+    them in the DB, for workers elsewhere to claim. ``blockvault serve`` is an API whose
+    ``worker`` is its own child process (blockvault.worker_process): it wakes it when it
+    queues a job and asks it for its health."""
 
     def __init__(self, settings: Settings, *, run_jobs: bool = True,
-                 serve_api: bool = True) -> None:
+                 serve_api: bool = True, worker: WorkerProcess | None = None) -> None:
         self.settings = settings
         self.run_jobs, self.serve_api = run_jobs, serve_api
+        self.worker = worker
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_url, pool_size=settings.db_pool_size,
                            max_overflow=settings.db_max_overflow)
@@ -136,8 +140,9 @@ class Services:
             service_name=service_name,
             validate_container=self.backend.validate_container_name,
             max_limit=settings.osapi_max_limit,
-            # without a runner here, workers elsewhere find new jobs at their next poll
-            wake_workers=(lambda: self.runner.wake()) if run_jobs else (lambda: None),
+            # without a runner or worker process here, workers elsewhere find new jobs at
+            # their next poll
+            wake_workers=self._wake_workers,
         )
         self.tasks = tasks = Tasks(
             self.db,
@@ -178,7 +183,15 @@ class Services:
         self.scheduler = Scheduler(self.db, self.backups, interval=settings.scheduler_interval,
                                    lease_seconds=settings.scheduler_lease_seconds)
 
+    def _wake_workers(self) -> None:
+        if self.run_jobs:
+            self.runner.wake()
+        elif self.worker is not None:
+            self.worker.wake()
+
     def start(self) -> None:
+        if self.worker is not None:
+            self.worker.start()
         host, interval = self.backends.host_name, self.settings.report_interval
         if self.serve_api:
             self.heartbeats.append(Heartbeat(
@@ -202,7 +215,10 @@ class Services:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether jobs can run: worker threads alive and the DB taking writes (an API
-        without jobs: whether the DB takes its heartbeat)."""
+        without jobs: whether the DB takes its heartbeat; with a worker process: its
+        answer)."""
+        if self.worker is not None:
+            return self.worker.health()
         if not self.run_jobs:
             problem = self.heartbeats[0].beat_once() if self.heartbeats else None
             body: dict[str, Any] = {"status": "ok" if not problem else "unhealthy",
@@ -228,6 +244,8 @@ class Services:
         if self.run_jobs:
             self.scheduler.stop()
             self.runner.drain(self.settings.shutdown_timeout)
+        if self.worker is not None:
+            self.worker.stop(self.settings.shutdown_timeout)
         for heartbeat in self.heartbeats:
             heartbeat.stop()
         self.db.dispose()
