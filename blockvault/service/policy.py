@@ -325,13 +325,15 @@ class Policy:
         frozen_target, frozen_creds = _frozen(target), _frozen(creds)
         key = (rule, frozen_target, frozen_creds)
         remember = frozen_target is not None and frozen_creds is not None
+        stamp = self._file_stamp()
+        # A known decision under an unchanged file is read without the lock (a dict lookup
+        # is atomic): the lock serialized every request's checks.
+        if remember and stamp == self._stamp and (known := self._decisions.get(key)) is not None:
+            return known
         with self._lock:
-            stamp = self._file_stamp()
             if stamp != self._stamp:
                 self._decisions.clear()
                 self._stamp = stamp
-            elif remember and (known := self._decisions.get(key)) is not None:
-                return known
             decision = self._decide(rule, target, creds)
             if remember:
                 if len(self._decisions) >= MAX_DECISIONS:
