@@ -76,15 +76,21 @@ def _services(config_file: str | None, data_dir: str | None, log_level: str, *,
         raise click.ClickException(str(exc)) from exc
 
 
-def _count_across_processes(directory: Path) -> None:
+def _count_across_processes(root: Path) -> None:
     """The API's ``GET /metrics`` counts what its worker process did too: prometheus_client's
-    multiprocess mode (each process's counters in files of ``directory``, summed when
+    multiprocess mode (each process's counters in files of one directory, summed when
     served), chosen by the environment before prometheus_client is imported here or in the
-    child. The files of an earlier run are removed: counters start at zero with the
-    service, as a single process's do."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("*.db"):
-        old.unlink()
+    child. A directory per ``serve`` (processes may share a data dir); those of ``serve``
+    processes no longer running are removed: counters start at zero with the service, as a
+    single process's do."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if not (old.name.isdigit() and Path(f"/proc/{old.name}").exists()):
+            shutil.rmtree(old, ignore_errors=True)
+    directory = root / str(os.getpid())
+    directory.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
