@@ -607,3 +607,30 @@ def test_health_names_a_dead_worker_pool(tmp_path):
         services.runner._workers += alive  # let stop() join the originals too
     finally:
         services.stop()
+
+
+def test_a_lease_extension_racing_the_end_of_its_job_loses_nothing(tmp_path, caplog):
+    """The heartbeat copies the running attempts, then extends their leases: an attempt
+    that finished in between matches no row, and is not a lost lease (no warning, not
+    marked lost). One whose job another attempt took over is."""
+    services = Services(load_settings(data_dir=tmp_path / "d"))
+    runner = JobRunner(services.db, {}, lambda s, j, r: None, workers=1)
+    try:
+        with services.db.session() as s:
+            finished = Job(kind="verify", backup_id=str(uuid.uuid4()), params={},
+                           state="done", token="mine")
+            taken = Job(kind="verify", backup_id=str(uuid.uuid4()), params={},
+                        state="running", token="theirs")
+            s.add_all([finished, taken])
+            s.flush()
+            ids = finished.id, taken.id
+        flags = {job_id: threading.Event() for job_id in ids}
+        runner._running.update({job_id: ("mine", flags[job_id]) for job_id in ids})
+        with caplog.at_level("WARNING", logger="blockvault.jobs"):
+            runner.extend_leases()
+        assert not flags[ids[0]].is_set()
+        assert flags[ids[1]].is_set()
+        warned = [r.getMessage() for r in caplog.records if "lost its lease" in r.getMessage()]
+        assert warned == [f"job {ids[1]}: this attempt lost its lease"], warned
+    finally:
+        services.db.dispose()

@@ -630,24 +630,31 @@ class JobRunner:
     def _heartbeat(self) -> None:
         interval = max(0.2, self.lease / 3)
         while not self.stopping.wait(interval):
-            with self._running_lock:
-                running = dict(self._running)
-            if not running:
-                continue
             try:
-                with self.db.session() as s:
-                    for job_id, (token, lost) in running.items():
-                        res = s.execute(
-                            update(Job)
-                            .where(Job.id == job_id, Job.token == token,
-                                   Job.state == "running")
-                            .values(lease_expires=db_now(self.lease))
-                        )
-                        if res.rowcount == 0 and not lost.is_set():
-                            lost.set()
-                            log.warning("job %s: this attempt lost its lease", job_id)
+                self.extend_leases()
             except Exception:
                 log.exception("heartbeat failed")
+
+    def extend_leases(self) -> None:
+        """Extend the lease of every attempt this process runs; mark those that lost it."""
+        with self._running_lock:
+            running = dict(self._running)
+        if not running:
+            return
+        with self.db.session() as s:
+            for job_id, (token, lost) in running.items():
+                res = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.token == token, Job.state == "running")
+                    .values(lease_expires=db_now(self.lease))
+                )
+                if res.rowcount == 0 and not lost.is_set():
+                    ended = s.scalar(select(Job.state).where(Job.id == job_id,
+                                                             Job.token == token))
+                    if ended not in (None, "running", "queued"):
+                        continue  # this attempt finished since the copy: nothing lost
+                    lost.set()
+                    log.warning("job %s: this attempt lost its lease", job_id)
 
     def attempt_lost(self, job: Job) -> bool:
         with self._running_lock:
