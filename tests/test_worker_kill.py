@@ -96,7 +96,9 @@ def test_kill_9_mid_backup_ten_times(deployment):
 
     backups: list[tuple[str, bytes]] = []
     kills, rng = 0, random.Random(14)
-    for n in range(ROUNDS + 5):
+    # spare rounds: on a loaded machine a backup is sometimes seen running only near its
+    # end, and the kill lands after it finished (a round without a take-over)
+    for n in range(ROUNDS + 15):
         if kills == ROUNDS:
             break
         data = text(n)
