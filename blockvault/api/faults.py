@@ -7,6 +7,7 @@ import logging
 import re
 from typing import Any
 
+import orjson
 from starlette.responses import JSONResponse
 
 from blockvault.service import errors
@@ -50,12 +51,18 @@ _PATH = re.compile(r"(?<![\w.~:-])/(?!dev/)(?:[\w.~@+-]+/)+[\w.~@+-]*")
 
 
 class SafeJSONResponse(JSONResponse):
-    """A JSON response that renders any ``str``. Python strings may hold lone surrogates
-    (``json.loads('"\\ud800"')`` makes one), which UTF-8 cannot encode: those replies are
-    written with ``\\uXXXX`` escapes, which parse back to the same string, instead of
-    failing into a plain-text 500."""
+    """A JSON response that renders any ``str``, with orjson (compact UTF-8, as Starlette's
+    own rendering, several times faster on long lists). Python strings may hold lone
+    surrogates (``json.loads('"\\ud800"')`` makes one), which UTF-8 cannot encode: those
+    replies are written with ``\\uXXXX`` escapes, which parse back to the same string,
+    instead of failing into a plain-text 500. What orjson declines (those strings, integers
+    beyond 64 bits) is rendered by ``json``."""
 
     def render(self, content: Any) -> bytes:
+        try:
+            return orjson.dumps(content)
+        except (orjson.JSONEncodeError, TypeError):
+            pass
         try:
             return super().render(content)
         except UnicodeEncodeError:

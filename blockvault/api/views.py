@@ -13,7 +13,11 @@ from blockvault.volume.backends import Candidate
 
 
 def isotime(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    """Cinder's ``%Y-%m-%dT%H:%M:%S.%f`` (microseconds always, no zone), by isoformat: the
+    same string at a third of strftime's cost, three times per listed item."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
