@@ -60,11 +60,6 @@ class WorkerProcess:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
 
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
     def start(self) -> None:
         # Children are started by one long-lived thread: PR_SET_PDEATHSIG fires when the
         # *thread* that forked the child ends, not only the process.

@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.server import Server
+from tests.test_roles import wait_for
 
 MiB = 1024 * 1024
 
@@ -30,15 +30,6 @@ def worker_pids(server_pid: int) -> list[int]:
             if b"worker" in cmdline:
                 found.append(int(pid))
     return found
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def health(srv: Server) -> tuple[int, dict]:
