@@ -50,6 +50,11 @@ BACKUP_LIST = ListSpec(
     ("name", "status", "volume_id"),
     {"name": "display_name", "description": "display_description"},
     "Backup",
+    # what api.views.backup_detail shows, and the page's marker (id)
+    columns=("id", "user_id", "project_id", "volume_id", "availability_zone", "container",
+             "parent_id", "status", "fail_reason", "size", "object_count", "display_name",
+             "display_description", "num_dependent_backups", "snapshot_id", "data_timestamp",
+             "encryption_key_id", "metadata_", "created_at", "updated_at"),
 )
 
 #: Every Backup object field of Cinder's export record (reference §4.8), in its order.

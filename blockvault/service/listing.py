@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,10 @@ class ListSpec:
     #: API name -> column attribute name
     renames: dict[str, str]
     not_found: str  # "Backup", "Volume", "Snapshot" (for the marker message)
+    #: the attributes a list's views read (None: all). Each column read is decoded for
+    #: every row of a page: a backup's ``volume_meta`` JSON alone was a tenth of a
+    #: 1000-row page.
+    columns: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -127,10 +133,12 @@ def list_resources(
         else:
             filters = {k: v for k, v in filters.items() if k in spec.user_filters}
 
-    # Rows, not ORM instances: a page is only read, and building 1000 instances (identity
-    # map, state tracking) cost ~90% of a 1000-row detail page. The models have no
-    # relationships or properties, so a row reads as the instance would.
-    stmt = select(*[getattr(model, key) for key in model.__mapper__.columns.keys()])
+    # Named tuples, not ORM instances: a page is only read, and building 1000 instances
+    # (identity map, state tracking) cost ~90% of a 1000-row detail page; nor SQLAlchemy's
+    # rows, whose attributes cost a view of twenty of them 5 µs per item. The models have no
+    # relationships or properties, so a tuple reads as the instance would.
+    keys = spec.columns or tuple(model.__mapper__.columns.keys())
+    stmt = select(*[getattr(model, key) for key in keys])
     stmt = stmt.where(model.deleted.is_(False))
     if not (ctx.is_admin and all_tenants):
         stmt = stmt.where(model.project_id == ctx.project_id)
@@ -171,10 +179,16 @@ def list_resources(
         *[c.asc().nulls_first() if d == "asc" else c.desc().nulls_last() for c, d in order_cols]
     )
     stmt = stmt.offset(offset).limit(limit)
-    items = list(s.execute(stmt))
+    row = _row_type(spec.not_found, keys)
+    items = [row._make(r) for r in s.execute(stmt)]
     item_count = count if with_count else len(items)
     has_next = bool(items) and limit <= (item_count or 0)
     return Page(items, count, has_next)
+
+
+@functools.cache
+def _row_type(name: str, keys: tuple[str, ...]) -> Any:
+    return collections.namedtuple(f"{name}Row", keys)
 
 
 def _sort_keys(params: dict[str, str], version: tuple[int, int]) -> list[tuple[str, str]]:
