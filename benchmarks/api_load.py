@@ -10,7 +10,7 @@ Measured, each for ``--seconds``:
     like blockvault's handlers), 8 and 32 clients;
   * show and detail of a project with 50 backups (as the Cinder comparison measured):
     8 and 32 clients, 1 and 2 API processes, SQLite and PostgreSQL;
-  * ``detail?limit=1000`` of a project with 100k backups, 8 clients;
+  * ``detail?limit=1000`` of a project with 100k backups, 8 clients, 1 and 2 API processes;
   * show while two backups of 1 GiB volumes (random data) run (1 process, SQLite).
 ``--before TREE`` (a ``git worktree`` of the commit before the change) runs the SQLite and
 PostgreSQL 1-process rounds and the 100k round on that code too, in the same run.
@@ -284,17 +284,22 @@ def round_api(results, work: Path, db: str, procs: int, args, tree: Path | None,
 def round_100k(results, work: Path, db: str, args, tree: Path | None, label: str) -> None:
     pg = PgDatabase() if db == "postgresql" else None
     url = pg.url if pg else f"sqlite:///{work / 'big.sqlite'}"
-    servers = Servers(work, url, 1, tree)
     try:
-        insert_backups(url, 100_000)
-        for name, path in (("detail?limit=1000", f"/v3/{PROJECT}/backups/detail?limit=1000"),
-                           ("detail?limit=1000&with_count",
-                            f"/v3/{PROJECT}/backups/detail?limit=1000&with_count=true")):
-            r = load(servers.ports, path, 8, args.seconds)
-            report(results, code=label, db=db, processes=1, clients=8, request=name,
-                   rows=100_000, load=os.getloadavg()[0], **r)
+        for procs in (1, 2):  # the same rows, served by one process, then by two
+            servers = Servers(work / f"p{procs}", url, procs, tree)
+            try:
+                if procs == 1:
+                    insert_backups(url, 100_000)
+                for name, path in (
+                        ("detail?limit=1000", f"/v3/{PROJECT}/backups/detail?limit=1000"),
+                        ("detail?limit=1000&with_count",
+                         f"/v3/{PROJECT}/backups/detail?limit=1000&with_count=true")):
+                    r = load(servers.ports, path, 8, args.seconds)
+                    report(results, code=label, db=db, processes=procs, clients=8,
+                           request=name, rows=100_000, load=os.getloadavg()[0], **r)
+            finally:
+                servers.stop()
     finally:
-        servers.stop()
         if pg:
             pg.drop()
 

@@ -177,8 +177,8 @@ def _container_verification(job: Job) -> dict:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/backups", list_summary),
-    Endpoint("GET", "/backups/detail", list_detail),
+    Endpoint("GET", "/backups", list_summary, page=True),
+    Endpoint("GET", "/backups/detail", list_detail, page=True),
     Endpoint("POST", "/backups", create, body="json"),
     Endpoint("POST", "/backups/import_record", import_record, body="json"),
     Endpoint("GET", "/backups/{backup_id}", show),

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -71,6 +72,19 @@ class Endpoint:
     is_async: bool = False
     #: 413 message prefixed with the quota exception class (Cinder does, except restore)
     quota_prefix: bool = True
+    #: a list page: up to ``osapi_max_limit`` rows made views, a few at a time per process
+    #: (pages_at_once)
+    page: bool = False
+
+
+def pages_at_once(db: Any) -> anyio.CapacityLimiter:
+    """How many list pages one process renders at once. A page is Python work on up to a
+    thousand rows; under the GIL, eight at once only interleave, and each then waits for
+    all of them (a 1000-row page, 8 clients: p99 240-340 ms at once, 87-141 ms so limited;
+    docs/benchmarks.md). One on SQLite, whose reads are in-process; two on PostgreSQL, so
+    that one page's database round trip overlaps another's rendering. Waiting pages queue
+    in arrival order (anyio's limiter is fair) in the event loop; other requests pass by."""
+    return anyio.CapacityLimiter(1 if db is None or db.is_sqlite else 2)
 
 
 #: JSON nested deeper than this is refused. Valid bodies nest 3 levels (an action's
@@ -197,6 +211,7 @@ def make_routes(endpoints: list[Endpoint], services: Any) -> list[Route]:
         from blockvault.api.auth import make_authenticator
 
         auth = make_authenticator(settings, getattr(services, "db", None))
+    pages = pages_at_once(getattr(services, "db", None))
     routes: list[Route] = []
     # Project-less v3 routes first (3.67 style) so "/v3/backups" never reads as a project.
     prefixes = [("v3", False), ("v3", True), ("v2", True)]
@@ -204,14 +219,14 @@ def make_routes(endpoints: list[Endpoint], services: Any) -> list[Route]:
         for ep in endpoints:
             path = f"/{api}/{{project_id}}{ep.path}" if with_project else f"/{api}{ep.path}"
             routes.append(
-                Route(path, _endpoint(ep, api, with_project, services, project_re, auth),
+                Route(path, _endpoint(ep, api, with_project, services, project_re, auth, pages),
                       methods=[ep.method], name=None)
             )
     return routes
 
 
 def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project_re: Any,
-              auth: Any):
+              auth: Any, pages: anyio.CapacityLimiter):
     settings = services.settings
 
     async def endpoint(request: Request) -> Response:
@@ -250,6 +265,8 @@ def _endpoint(ep: Endpoint, api: str, with_project: bool, services: Any, project
                 call.body = _parse_json_body(request, raw)
             if ep.is_async:
                 response = await ep.handler(call)
+            elif ep.page:
+                response = await anyio.to_thread.run_sync(ep.handler, call, limiter=pages)
             else:
                 response = await run_in_threadpool(ep.handler, call)
         except HTTPFault as exc:

@@ -711,8 +711,8 @@ def resource_filters(call: Call) -> Response:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/volumes", list_volumes),
-    Endpoint("GET", "/volumes/detail", list_volumes_detail),
+    Endpoint("GET", "/volumes", list_volumes, page=True),
+    Endpoint("GET", "/volumes/detail", list_volumes_detail, page=True),
     Endpoint("POST", "/volumes", create_volume, body="json"),
     Endpoint("GET", "/volumes/{volume_id}", show_volume),
     Endpoint("PUT", "/volumes/{volume_id}", update_volume, body="json"),
@@ -732,8 +732,8 @@ ENDPOINTS = [
     Endpoint("GET", "/manageable_volumes", list_manageable, min_version=(3, 8)),
     Endpoint("GET", "/manageable_volumes/detail", list_manageable_detail, min_version=(3, 8)),
     Endpoint("GET", "/scheduler-stats/get_pools", get_pools),
-    Endpoint("GET", "/snapshots", list_snapshots),
-    Endpoint("GET", "/snapshots/detail", list_snapshots_detail),
+    Endpoint("GET", "/snapshots", list_snapshots, page=True),
+    Endpoint("GET", "/snapshots/detail", list_snapshots_detail, page=True),
     Endpoint("POST", "/snapshots", create_snapshot, body="json"),
     Endpoint("GET", "/snapshots/{snapshot_id}", show_snapshot),
     Endpoint("PUT", "/snapshots/{snapshot_id}", update_snapshot, body="json"),
