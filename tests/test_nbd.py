@@ -48,11 +48,11 @@ class Export:
     """qemu-nbd serving ``img`` on a unix socket until stopped."""
 
     def __init__(self, img: Path, sock: Path, bitmap: str | None = None,
-                 readonly: bool = True) -> None:
+                 readonly: bool = True, shared: int = 4) -> None:
         self.sock = sock
         sock.unlink(missing_ok=True)
         args = ["qemu-nbd", "-f", "qcow2", "--socket", str(sock), "--persistent",
-                "--shared", "4"]
+                "--shared", str(shared)]
         if readonly:
             args.append("--read-only")
         if bitmap:
@@ -184,6 +184,59 @@ def test_missing_or_untrusted_bitmap_reads_everything(
         out.touch()
         engine.restore(container="c", backup_id=bid, target=out, target_is_new=True)
         assert file_sha(out, SIZE) == sha
+
+
+def _backup_and_check(engine: Engine, image: Path, tmp_path: Path, src: NbdSource,
+                      backup_id: str) -> None:
+    engine.backup(container="c", backup_id=backup_id, source=src, size=SIZE)
+    # the image's 12 MiB and the changes outside them: all of it allocated, read once
+    assert src.bytes_read == 12 * MiB + sum(
+        n for o, n in CHANGES if not (0 <= o < 8 * MiB or 20 * MiB <= o < 24 * MiB))
+    out = tmp_path / f"{backup_id}.raw"
+    out.touch()
+    engine.restore(container="c", backup_id=backup_id, target=out, target_is_new=True)
+    assert file_sha(out, SIZE) == raw_sha(image, tmp_path)
+
+
+def test_reads_on_connections_of_their_own_where_the_export_allows(
+        engine: Engine, image: Path, tmp_path: Path) -> None:
+    """libnbd runs one handle's calls one at a time: where the export allows several
+    connections (multi-conn), the reader threads get one each."""
+    write_changes(image)
+    with Export(image, tmp_path / "m.sock", "b0", shared=4) as ex:
+        src = NbdSource(ex.uri)
+        _backup_and_check(engine, image, tmp_path, src, "multi")
+        assert src.read_connections == 2
+    # qemu-nbd's default, one client: no second connection is tried (it would wait for
+    # the first to end)
+    with Export(image, tmp_path / "o.sock", "b0", shared=1) as ex:
+        src = NbdSource(ex.uri)
+        _backup_and_check(engine, image, tmp_path, src, "one")
+        assert src.read_connections == 0
+
+
+def test_export_at_its_client_limit_is_read_on_one_connection(
+        engine: Engine, image: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that advertises multi-conn but has all the clients it takes leaves a new
+    connection's handshake unanswered: the backup reads on its one connection instead of
+    waiting for ever."""
+    from blockvault.volume import nbd as nbd_driver
+
+    monkeypatch.setattr(nbd_driver, "_CONNECT_WAIT", 0.5)
+    write_changes(image)
+    with Export(image, tmp_path / "l.sock", "b0", shared=2) as ex:
+        other = load_libnbd().NBD()  # another client takes the second slot
+        other.connect_uri(ex.uri)
+        try:
+            src = NbdSource(ex.uri)
+            with caplog.at_level("INFO"):
+                _backup_and_check(engine, image, tmp_path, src, "limit")
+            assert src.read_connections == 0
+            assert "reading on one connection" in caplog.text
+            assert "no handshake within 0.5 s" in caplog.text
+        finally:
+            other.shutdown()
 
 
 def test_restore_onto_an_nbd_export_is_byte_exact(
