@@ -79,7 +79,7 @@ _STATE_HOLE, _STATE_ZERO, _STATE_DIRTY = 1, 2, 1
 _READ_CONNS = 2
 #: How long an extra connection may take: a server that advertises multi-conn but has
 #: reached its client limit (``qemu-nbd --shared N``) leaves the handshake unanswered.
-_CONNECT_WAIT = 5.0
+_CONNECT_WAIT = 2.0
 
 _nbd: ModuleType | None = None
 _nbd_mu = threading.Lock()
