@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import tempfile
 import threading
 import time
@@ -56,6 +57,9 @@ class Engine:
         self.config = config
         self.workers = config.workers or os.cpu_count() or 1
         self._config_mu = threading.Lock()
+        #: index caches this engine has backed up to, each with a connection held open for
+        #: the engine's life (Index.hold_open)
+        self._held: dict[Path, sqlite3.Connection | None] = {}
 
     # -- container plumbing -------------------------------------------------------------
     def _cache_path(self, container: str) -> Path:
@@ -235,8 +239,12 @@ class Engine:
         c = self.backend.open(container)
         cfg = self._config(c, container, create=True)
         assert cfg is not None
-        index = Index(self._cache_path(container))
-        writer = Index(self._cache_path(container))
+        cache = self._cache_path(container)
+        index = Index(cache)
+        writer = Index(cache)
+        with self._config_mu:
+            if cache not in self._held:
+                self._held[cache] = Index.hold_open(cache)
         runs: list[BackupRun] = []
         try:
             bad: frozenset[bytes] = frozenset()
