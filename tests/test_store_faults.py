@@ -38,7 +38,7 @@ def _wait_running(api, backup_id: str) -> None:
         if p["job_state"] == "running" and p["bytes_done"] > 0:
             return
         time.sleep(0.05)
-    raise AssertionError("backup never started")
+    raise AssertionError(f"backup never started: {p}")
 
 
 @pytest.mark.parametrize("store", ["swift", "s3"])
@@ -100,7 +100,9 @@ def test_short_outage_is_ridden_out(tmp_path, swift_server):
     try:
         api = srv.client("alice", uuid.uuid4().hex)
         vol = api.create_volume(1)
-        _fill(api, vol, 256)
+        # 768 MiB of random data: a backup long enough (~1 s here) for the outage to begin
+        # while it runs; with 256 MiB it could end between two polls of its progress
+        _fill(api, vol, 768)
         h = api.volume_sha256(vol)
         backup = api.create_backup(vol, wait=False)
         _wait_running(api, backup)
