@@ -60,6 +60,7 @@ class Engine:
         #: index caches this engine has backed up to, each with a connection held open for
         #: the engine's life (Index.hold_open)
         self._held: dict[Path, sqlite3.Connection | None] = {}
+        self._held_mu = threading.Lock()
 
     # -- container plumbing -------------------------------------------------------------
     def _cache_path(self, container: str) -> Path:
@@ -242,7 +243,7 @@ class Engine:
         cache = self._cache_path(container)
         index = Index(cache)
         writer = Index(cache)
-        with self._config_mu:
+        with self._held_mu:
             if cache not in self._held:
                 self._held[cache] = Index.hold_open(cache)
         runs: list[BackupRun] = []
